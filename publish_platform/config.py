@@ -1,0 +1,119 @@
+"""Platform settings, read from the environment (``PUBLISH_PLATFORM_*``).
+
+Every process of the platform (CLI, Dagster code server, run workers) builds its settings here, so
+the embedded default and production differ only by environment variables. Secrets never live in
+these settings: S3 credentials come from boto3's own variables, Atlan's from pyatlan's.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_VOLATILE_ATTRIBUTES = ("lastSyncRun", "lastSyncRunAt", "lastSyncWorkflowName")
+
+
+class S3Location(BaseModel, frozen=True):
+    """A bucket and a key prefix (always empty or ending with ``/``)."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"expected s3://bucket/prefix, got {url!r}")
+        prefix = parts.path.lstrip("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        if ".." in prefix.split("/"):
+            raise ValueError(f"prefix may not contain '..': {url!r}")
+        return cls(bucket=parts.netloc, prefix=prefix)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+class Settings(BaseSettings):
+    """What an operator configures. Defaults are the embedded (local) mode."""
+
+    model_config = SettingsConfigDict(env_prefix="PUBLISH_PLATFORM_", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".publish_platform"),
+        description="Local folder of the embedded mode: SQLite catalog, Dagster home, logs.",
+    )
+    landing: str = Field(
+        default="s3://publish-landing/",
+        description="s3://bucket/prefix where connector workflow runs land.",
+    )
+    state: str = Field(
+        default="s3://publish-state/",
+        description="s3://bucket/prefix for snapshots, pointers, plans and dead letters.",
+    )
+    metastore: str = Field(
+        default="",
+        description="sqlite:///path (default: <home>/catalog.sqlite), postgresql://… or atlan.",
+    )
+    settle_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Quiet period after which a run folder without a manifest is ready.",
+    )
+    volatile_attributes: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=DEFAULT_VOLATILE_ATTRIBUTES,
+        description="Attributes that never make an entity changed (comma separated).",
+    )
+    deletion_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Largest share of a source's entities one batch may delete without approval.",
+    )
+    chunk_size: int = Field(default=500, ge=1, description="Entities per metastore request.")
+    sensor_interval_seconds: int = Field(default=15, ge=1)
+    purge_deletes: bool = Field(default=False, description="Purge instead of archive on delete.")
+
+    @field_validator("volatile_attributes", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("landing", "state")
+    @classmethod
+    def _valid_s3_url(cls, value: str) -> str:
+        S3Location.parse(value)
+        return value
+
+    @cached_property
+    def landing_location(self) -> S3Location:
+        return S3Location.parse(self.landing)
+
+    @cached_property
+    def state_location(self) -> S3Location:
+        return S3Location.parse(self.state)
+
+    @property
+    def metastore_url(self) -> str:
+        if self.metastore:
+            return self.metastore
+        return f"sqlite:///{(self.home / 'catalog.sqlite').resolve()}"
+
+    @property
+    def metastore_kind(self) -> Literal["sql", "atlan"]:
+        return "atlan" if self.metastore_url == "atlan" else "sql"
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,351 @@
+"""Discover workflow runs in the landing prefix and read their data.
+
+The Application SDK writes one folder per workflow run::
+
+    <landing>artifacts/apps/<app>/workflows/<workflow_id>/<run_id>/
+        transformed/<entity>/entities.json             SDK 3.x
+        transformed/<type>/chunk-<n>-part<k>.json      SDK 2.x (statistics/ beside it)
+        <data file>.sha256                             optional checksum sidecar
+        publish-request.json                           optional completion manifest
+        raw/...                                        never published
+
+One run folder is one batch and one Dagster partition, keyed ``<app>/<workflow_id>/<run_id>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from publish_platform.config import S3Location
+
+MANIFEST_NAME = "publish-request.json"
+SIDECAR_SUFFIX = ".sha256"
+RUNS_ROOT = "artifacts/apps/"
+# One path segment of a run folder: what the SDK writes (names, UUIDs), never '..' or empty.
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]{0,199}$")
+
+
+class InvalidRunFolder(ValueError):
+    """A run folder whose path cannot be a batch (unsafe or malformed segments)."""
+
+
+class ManifestFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Key relative to the run folder, e.g. transformed/table/entities.json")
+    records: int | None = Field(default=None, ge=0)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+
+class PriorityHints(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    importance: int | None = Field(default=None, ge=0, le=100)
+
+
+class PublishRequest(BaseModel):
+    """The completion manifest ``publish-request.json``: this platform's contract."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    connection_qualified_name: str = Field(min_length=1)
+    workflow_id: str = Field(min_length=1)
+    run_id: str = Field(min_length=1)
+    status: Literal["SUCCEEDED", "FAILED", "CANCELLED", "TERMINATED", "TIMED_OUT"]
+    source_timestamp: datetime
+    processing_timestamp: datetime
+    mode: Literal["full", "incremental"] = "full"
+    files: list[ManifestFile] | None = None
+    priority: PriorityHints | None = None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Where a run folder is, and its partition key."""
+
+    app: str
+    workflow_id: str
+    run_id: str
+
+    @property
+    def partition_key(self) -> str:
+        return f"{self.app}/{self.workflow_id}/{self.run_id}"
+
+    def prefix(self, landing: S3Location) -> str:
+        return landing.key(RUNS_ROOT + f"{self.app}/workflows/{self.workflow_id}/{self.run_id}/")
+
+    @classmethod
+    def from_partition_key(cls, partition_key: str) -> RunRef:
+        parts = partition_key.split("/")
+        if len(parts) != 3:
+            raise InvalidRunFolder(f"partition key must be app/workflow_id/run_id: {partition_key!r}")
+        for part in parts:
+            if not _SEGMENT.match(part):
+                raise InvalidRunFolder(f"unsafe path segment {part!r} in {partition_key!r}")
+        return cls(*parts)
+
+
+@dataclass
+class RunListing:
+    """Every object of one run folder, classified."""
+
+    run: RunRef
+    prefix: str
+    objects: list[ObjectInfo]
+    data_files: list[ObjectInfo] = field(default_factory=list)
+    sidecars: dict[str, ObjectInfo] = field(default_factory=dict)
+    manifest: ObjectInfo | None = None
+
+    def __post_init__(self) -> None:
+        for obj in self.objects:
+            rel = obj.key[len(self.prefix) :]
+            if rel == MANIFEST_NAME:
+                self.manifest = obj
+            elif rel.startswith("transformed/"):
+                if rel.endswith(SIDECAR_SUFFIX):
+                    self.sidecars[obj.key[: -len(SIDECAR_SUFFIX)]] = obj
+                elif is_data_file(rel):
+                    self.data_files.append(obj)
+        self.data_files.sort(key=lambda o: o.key)
+
+    @property
+    def last_modified(self) -> datetime | None:
+        return max((o.last_modified for o in self.objects), default=None)
+
+    def fingerprint(self) -> str:
+        """Changes whenever an object of the folder is added, removed or rewritten."""
+        digest = hashlib.sha256()
+        for obj in sorted(self.objects, key=lambda o: o.key):
+            digest.update(f"{obj.key}\0{obj.size}\0{obj.last_modified.isoformat()}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+def is_data_file(relative_key: str) -> bool:
+    """Only ``transformed/**/*.json`` is data; statistics and anything else are not."""
+    parts = relative_key.split("/")
+    return (
+        parts[0] == "transformed"
+        and relative_key.endswith(".json")
+        and "statistics" not in parts[1:-1]
+    )
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str
+
+
+def assess_readiness(listing: RunListing, now: datetime, settle_seconds: float) -> Readiness:
+    """Is this run folder complete? A manifest says so; without one, a quiet settle period does."""
+    if listing.manifest is not None:
+        return Readiness(True, "completion manifest present")
+    last = listing.last_modified
+    if last is None:
+        return Readiness(False, "empty run folder")
+    quiet_for = (now - last).total_seconds()
+    if quiet_for < settle_seconds:
+        return Readiness(False, f"changed {quiet_for:.0f}s ago, settling for {settle_seconds:.0f}s")
+    if listing.sidecars:
+        missing = [o.key for o in listing.data_files if o.key not in listing.sidecars]
+        if missing:
+            return Readiness(False, f"{len(missing)} data file(s) still without their .sha256")
+    return Readiness(True, f"no change for {quiet_for:.0f}s")
+
+
+# --- S3 access -------------------------------------------------------------------------------
+
+
+def _common_prefixes(s3: Any, bucket: str, prefix: str) -> Iterator[str]:
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for entry in page.get("CommonPrefixes", []):
+            yield entry["Prefix"]
+
+
+def iter_run_folders(s3: Any, landing: S3Location) -> Iterator[RunRef | InvalidRunFolder]:
+    """Every run folder under the landing prefix, from delimiter listings.
+
+    The listing walks apps → workflows → runs with ``Delimiter='/'``: one LIST call per thousand
+    run folders, never a listing of the files of runs that are already known.
+    """
+    root = landing.key(RUNS_ROOT)
+    for app_prefix in _common_prefixes(s3, landing.bucket, root):
+        app = app_prefix[len(root) :].rstrip("/")
+        for wf_prefix in _common_prefixes(s3, landing.bucket, app_prefix + "workflows/"):
+            workflow_id = wf_prefix[len(app_prefix + "workflows/") :].rstrip("/")
+            for run_prefix in _common_prefixes(s3, landing.bucket, wf_prefix):
+                run_id = run_prefix[len(wf_prefix) :].rstrip("/")
+                key = f"{app}/{workflow_id}/{run_id}"
+                try:
+                    yield RunRef.from_partition_key(key)
+                except InvalidRunFolder as exc:
+                    yield exc
+
+
+def list_run(s3: Any, landing: S3Location, run: RunRef) -> RunListing:
+    prefix = run.prefix(landing)
+    objects: list[ObjectInfo] = []
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=landing.bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            objects.append(ObjectInfo(item["Key"], item["Size"], item["LastModified"]))
+    return RunListing(run=run, prefix=prefix, objects=objects)
+
+
+def read_object(s3: Any, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- Reading a batch -------------------------------------------------------------------------
+
+
+@dataclass
+class BatchProblem:
+    """Something that makes a whole batch unpublishable (quarantine) or not to be published."""
+
+    kind: Literal["rejected_manifest", "checksum_mismatch", "count_mismatch", "no_data", "skipped"]
+    message: str
+
+
+@dataclass
+class LandedFile:
+    key: str
+    relative_key: str
+    data: bytes
+    sha256: str
+
+
+@dataclass
+class LandedBatch:
+    """A run folder's data files, verified, plus what its manifest (if any) says."""
+
+    run: RunRef
+    prefix: str
+    files: list[LandedFile]
+    manifest: PublishRequest | None
+    problems: list[BatchProblem]
+    landed_at: datetime | None
+
+    @property
+    def publishable(self) -> bool:
+        return not self.problems
+
+
+def read_batch(s3: Any, landing: S3Location, run: RunRef) -> LandedBatch:
+    """Read and verify a run folder: manifest, every data file, every checksum.
+
+    Any problem found here concerns the whole batch: it is returned in ``problems`` and the batch
+    is then never published, not even in part.
+    """
+    listing = list_run(s3, landing, run)
+    problems: list[BatchProblem] = []
+    manifest: PublishRequest | None = None
+    if listing.manifest is not None:
+        raw = read_object(s3, landing.bucket, listing.manifest.key)
+        try:
+            manifest = PublishRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            problems.append(BatchProblem("rejected_manifest", _summarize_validation(exc)))
+        else:
+            if manifest.workflow_id != run.workflow_id or manifest.run_id != run.run_id:
+                problems.append(
+                    BatchProblem(
+                        "rejected_manifest",
+                        f"manifest names workflow {manifest.workflow_id!r} run {manifest.run_id!r}"
+                        f" but lies in {run.partition_key!r}",
+                    )
+                )
+            if manifest.status != "SUCCEEDED":
+                problems.append(
+                    BatchProblem("skipped", f"workflow run status is {manifest.status}")
+                )
+
+    files: list[LandedFile] = []
+    for obj in listing.data_files:
+        data = read_object(s3, landing.bucket, obj.key)
+        digest = hashlib.sha256(data).hexdigest()
+        sidecar = listing.sidecars.get(obj.key)
+        if sidecar is not None:
+            expected = read_object(s3, landing.bucket, sidecar.key).decode("ascii", "replace")
+            expected = expected.strip().split()[0].lower() if expected.strip() else ""
+            if expected != digest:
+                problems.append(
+                    BatchProblem(
+                        "checksum_mismatch",
+                        f"{obj.key[len(listing.prefix):]}: sha256 {digest} but sidecar says"
+                        f" {expected or '(empty)'}",
+                    )
+                )
+        files.append(LandedFile(obj.key, obj.key[len(listing.prefix) :], data, digest))
+
+    if manifest is not None and manifest.files is not None:
+        problems.extend(_verify_manifest_files(manifest, files))
+    if not files and not any(p.kind in ("rejected_manifest", "skipped") for p in problems):
+        problems.append(BatchProblem("no_data", "run folder has no transformed/**/*.json data"))
+    return LandedBatch(run, listing.prefix, files, manifest, problems, listing.last_modified)
+
+
+def _verify_manifest_files(manifest: PublishRequest, files: list[LandedFile]) -> list[BatchProblem]:
+    by_path = {f.relative_key: f for f in files}
+    problems: list[BatchProblem] = []
+    listed = set()
+    for entry in manifest.files or []:
+        listed.add(entry.path)
+        landed = by_path.get(entry.path)
+        if landed is None:
+            problems.append(BatchProblem("count_mismatch", f"manifest lists missing {entry.path}"))
+            continue
+        if entry.sha256 and entry.sha256.lower() != landed.sha256:
+            problems.append(
+                BatchProblem(
+                    "checksum_mismatch",
+                    f"{entry.path}: sha256 {landed.sha256} but manifest says {entry.sha256}",
+                )
+            )
+        if entry.records is not None:
+            lines = count_records(landed.data)
+            if lines != entry.records:
+                problems.append(
+                    BatchProblem(
+                        "count_mismatch",
+                        f"{entry.path}: {lines} records but manifest says {entry.records}",
+                    )
+                )
+    unlisted = sorted(set(by_path) - listed)
+    if unlisted:
+        problems.append(
+            BatchProblem("count_mismatch", f"data files not in the manifest: {', '.join(unlisted)}")
+        )
+    return problems
+
+
+def count_records(data: bytes) -> int:
+    """Non-blank lines of a JSON-lines file."""
+    return sum(1 for line in data.splitlines() if line.strip())
+
+
+def _summarize_validation(exc: ValidationError) -> str:
+    errors = [
+        f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}"
+        for err in exc.errors()[:10]
+    ]
+    return "invalid publish-request.json: " + "; ".join(errors)

@@ -1,0 +1,49 @@
+"""The contract every metastore implements: chunked upserts and deletes with per-entity results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Identity:
+    type_name: str
+    qualified_name: str
+
+
+@dataclass(frozen=True)
+class EntityWrite:
+    """One entity to create or update, exactly as the input carried it."""
+
+    type_name: str
+    qualified_name: str
+    entity: dict
+    content_hash: str
+    guid: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    type_name: str
+    qualified_name: str
+    ok: bool
+    guid: str | None = None
+    error: str | None = None
+
+
+class Metastore(Protocol):
+    def upsert(self, entities: Sequence[EntityWrite]) -> list[WriteResult]:
+        """Create or update a chunk. Raises if the chunk as a whole failed."""
+        ...
+
+    def delete(self, identities: Sequence[Identity], purge: bool = False) -> list[WriteResult]:
+        """Archive (or purge) a chunk. Deleting what is already gone succeeds."""
+        ...
+
+    def dump(self, source: str | None = None) -> Iterator[dict]:
+        """Active entities as the input carried them, plus their guid."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,157 @@
+"""The local catalog: an Atlas-like entity store in SQL (SQLite by default, Postgres by URL).
+
+One table, one schema for both databases. Entities are keyed by guid and unique by identity;
+deletes archive (status DELETED) unless purge is asked for. ``version`` counts the writes an
+entity received, which is how tests and operators see that unchanged entities were not rewritten.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from publish_platform.metastores.base import EntityWrite, Identity, WriteResult
+
+metadata = sa.MetaData()
+
+entities = sa.Table(
+    "catalog_entities",
+    metadata,
+    sa.Column("guid", sa.String(36), primary_key=True),
+    sa.Column("type_name", sa.String(255), nullable=False),
+    sa.Column("qualified_name", sa.Text, nullable=False),
+    sa.Column("connection_qualified_name", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("entity", sa.Text, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("type_name", "qualified_name", name="uq_catalog_entities_identity"),
+    sa.Index("ix_catalog_entities_connection", "connection_qualified_name", "status"),
+)
+
+
+def create_catalog_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class SqlCatalog:
+    def __init__(self, url: str) -> None:
+        self.engine = create_catalog_engine(url)
+        metadata.create_all(self.engine, checkfirst=True)
+        dialect = self.engine.dialect.name
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    def upsert(self, writes: Sequence[EntityWrite]) -> list[WriteResult]:
+        if not writes:
+            return []
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "guid": write.guid or str(uuid.uuid4()),
+                "type_name": write.type_name,
+                "qualified_name": write.qualified_name,
+                "connection_qualified_name": write.entity["attributes"]["connectionQualifiedName"],
+                "status": "ACTIVE",
+                "entity": orjson.dumps(write.entity).decode(),
+                "content_hash": write.content_hash,
+                "version": 1,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for write in writes
+        ]
+        statement = self._insert(entities).values(rows)
+        excluded = statement.excluded
+        statement = statement.on_conflict_do_update(
+            index_elements=["type_name", "qualified_name"],
+            set_={
+                "connection_qualified_name": excluded.connection_qualified_name,
+                "status": "ACTIVE",
+                "entity": excluded.entity,
+                "content_hash": excluded.content_hash,
+                "version": entities.c.version + 1,
+                "updated_at": excluded.updated_at,
+            },
+        ).returning(entities.c.guid, entities.c.type_name, entities.c.qualified_name)
+        with self.engine.begin() as connection:
+            returned = {
+                (row.type_name, row.qualified_name): row.guid
+                for row in connection.execute(statement)
+            }
+        return [
+            WriteResult(w.type_name, w.qualified_name, True, returned[(w.type_name, w.qualified_name)])
+            for w in writes
+        ]
+
+    def delete(self, identities: Sequence[Identity], purge: bool = False) -> list[WriteResult]:
+        if not identities:
+            return []
+        condition = sa.tuple_(entities.c.type_name, entities.c.qualified_name).in_(
+            [(i.type_name, i.qualified_name) for i in identities]
+        )
+        with self.engine.begin() as connection:
+            guids = {
+                (row.type_name, row.qualified_name): row.guid
+                for row in connection.execute(
+                    sa.select(entities.c.guid, entities.c.type_name, entities.c.qualified_name)
+                    .where(condition)
+                )
+            }
+            if purge:
+                connection.execute(sa.delete(entities).where(condition))
+            else:
+                connection.execute(
+                    sa.update(entities)
+                    .where(condition & (entities.c.status == "ACTIVE"))
+                    .values(
+                        status="DELETED",
+                        version=entities.c.version + 1,
+                        updated_at=datetime.now(UTC),
+                    )
+                )
+        return [
+            WriteResult(i.type_name, i.qualified_name, True, guids.get((i.type_name, i.qualified_name)))
+            for i in identities
+        ]
+
+    def dump(self, source: str | None = None) -> Iterator[dict]:
+        query = sa.select(entities.c.guid, entities.c.entity).where(entities.c.status == "ACTIVE")
+        if source is not None:
+            query = query.where(entities.c.connection_qualified_name == source)
+        query = query.order_by(entities.c.type_name, entities.c.qualified_name)
+        with self.engine.connect() as connection:
+            for row in connection.execute(query):
+                yield {**orjson.loads(row.entity), "guid": row.guid}
+
+    def versions(self, source: str | None = None) -> dict[tuple[str, str], int]:
+        """How many writes each entity received (tests and operators: was it rewritten?)."""
+        query = sa.select(entities.c.type_name, entities.c.qualified_name, entities.c.version)
+        if source is not None:
+            query = query.where(entities.c.connection_qualified_name == source)
+        with self.engine.connect() as connection:
+            return {(r.type_name, r.qualified_name): r.version for r in connection.execute(query)}
+
+    def close(self) -> None:
+        self.engine.dispose()

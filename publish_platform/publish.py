@@ -1,0 +1,156 @@
+"""Execute a plan against a metastore, chunk by chunk, and derive the next snapshot.
+
+A chunk that fails is split in halves until the failing entities are isolated: the rest of the
+batch is published, and each failed entity is recorded with its reason. Failed entities keep their
+old snapshot row (or none), so the next batch of the source sees them as changed and retries them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import orjson
+import polars as pl
+
+from publish_platform.metastores.base import EntityWrite, Identity, Metastore, WriteResult
+from publish_platform.state import SNAPSHOT_SCHEMA
+
+RESULT_SCHEMA = {
+    "seq": pl.Int64,
+    "ok": pl.Boolean,
+    "guid": pl.String,
+    "error": pl.String,
+}
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PublishOutcome:
+    results: pl.DataFrame  # RESULT_SCHEMA, one row per operation
+    requests: int = 0
+    split_chunks: int = 0
+    duration_s: float = 0.0
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return int(self.results.filter(~pl.col("ok")).height)
+
+    @property
+    def succeeded(self) -> int:
+        return int(self.results.filter(pl.col("ok")).height)
+
+
+def execute_plan(
+    operations: pl.DataFrame,
+    metastore: Metastore,
+    chunk_size: int,
+    purge: bool = False,
+    progress: Progress | None = None,
+) -> PublishOutcome:
+    started = time.perf_counter()
+    outcome = PublishOutcome(results=pl.DataFrame(schema=RESULT_SCHEMA))
+    seqs: list[int] = []
+    oks: list[bool] = []
+    guids: list[str | None] = []
+    errors: list[str | None] = []
+    done = 0
+    total = operations.height
+    for chunk in _chunks(operations, chunk_size):
+        for seq, result in _apply_isolating(chunk, metastore, purge, outcome):
+            seqs.append(seq)
+            oks.append(result.ok)
+            guids.append(result.guid)
+            errors.append(result.error)
+            if not result.ok:
+                outcome.errors.append(
+                    {
+                        "type_name": result.type_name,
+                        "qualified_name": result.qualified_name,
+                        "error": result.error,
+                    }
+                )
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
+    outcome.results = pl.DataFrame(
+        {"seq": seqs, "ok": oks, "guid": guids, "error": errors}, schema=RESULT_SCHEMA
+    )
+    outcome.duration_s = time.perf_counter() - started
+    return outcome
+
+
+def _chunks(operations: pl.DataFrame, chunk_size: int) -> Iterator[list[dict]]:
+    """Consecutive operations of one kind (upsert or delete), at most chunk_size each."""
+    chunk: list[dict] = []
+    kind = None
+    for row in operations.iter_rows(named=True):
+        row_kind = "delete" if row["op"] == "delete" else "upsert"
+        if chunk and (row_kind != kind or len(chunk) >= chunk_size):
+            yield chunk
+            chunk = []
+        kind = row_kind
+        chunk.append(row)
+    if chunk:
+        yield chunk
+
+
+def _apply_isolating(
+    chunk: list[dict], metastore: Metastore, purge: bool, outcome: PublishOutcome
+) -> Iterator[tuple[int, WriteResult]]:
+    outcome.requests += 1
+    try:
+        results = _apply(chunk, metastore, purge)
+    except Exception as exc:  # noqa: BLE001 - any failure of a chunk is isolated, then reported
+        if len(chunk) == 1:
+            row = chunk[0]
+            message = f"{type(exc).__name__}: {exc}"[:2000]
+            yield row["seq"], WriteResult(row["type_name"], row["qualified_name"], False, None, message)
+            return
+        outcome.split_chunks += 1
+        middle = len(chunk) // 2
+        yield from _apply_isolating(chunk[:middle], metastore, purge, outcome)
+        yield from _apply_isolating(chunk[middle:], metastore, purge, outcome)
+        return
+    for row, result in zip(chunk, results, strict=True):
+        yield row["seq"], result
+
+
+def _apply(chunk: list[dict], metastore: Metastore, purge: bool) -> list[WriteResult]:
+    if chunk[0]["op"] == "delete":
+        return metastore.delete(
+            [Identity(row["type_name"], row["qualified_name"]) for row in chunk], purge=purge
+        )
+    return metastore.upsert(
+        [
+            EntityWrite(
+                type_name=row["type_name"],
+                qualified_name=row["qualified_name"],
+                entity=orjson.loads(row["entity"]),
+                content_hash=row["hash"],
+                guid=row["guid"],
+            )
+            for row in chunk
+        ]
+    )
+
+
+def next_snapshot(
+    base: pl.DataFrame, operations: pl.DataFrame, results: pl.DataFrame
+) -> pl.DataFrame:
+    """The base snapshot with every successful operation applied, and no failed one."""
+    applied = operations.join(results, on="seq", how="inner").filter(pl.col("ok"))
+    identity = ["type_name", "qualified_name"]
+    kept = base.join(applied.select(identity), on=identity, how="anti")
+    written = applied.filter(pl.col("op") != "delete").select(
+        "type_name",
+        "qualified_name",
+        "hash",
+        pl.coalesce(pl.col("guid_right"), pl.col("guid")).alias("guid"),
+        "entity",
+        "references",
+    )
+    return pl.concat([kept.select(list(SNAPSHOT_SCHEMA)), written], how="vertical").sort(identity)

@@ -1,0 +1,173 @@
+"""The state store: per-source snapshots and pointers, and per-batch diffs and plans, in S3.
+
+Layout under the state prefix::
+
+    sources/<source>/snapshots/<serial>.parquet   immutable, one row per published entity
+    sources/<source>/pointer.json                 current serial; advanced by compare-and-swap
+    batches/<app>/<workflow_id>/<run_id>/diff.parquet, diff.json
+    batches/<app>/<workflow_id>/<run_id>/plan.parquet, plan.json
+
+``<source>`` is the connection qualified name percent-encoded into one path segment, so no source
+can reach into another's prefix. Snapshots are written with ``If-None-Match: *`` (never replaced)
+and the pointer with ``If-Match: <etag>``: two publishers racing for a source cannot both win.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import polars as pl
+from botocore.exceptions import ClientError
+from pydantic import BaseModel
+
+from publish_platform.config import S3Location
+from publish_platform.entities import ENTITY_SCHEMA
+from publish_platform.landing import RunRef
+
+SNAPSHOT_SCHEMA = {
+    "type_name": pl.String,
+    "qualified_name": pl.String,
+    "hash": pl.String,
+    "guid": pl.String,
+    "entity": pl.String,
+    "references": ENTITY_SCHEMA["references"],
+}
+
+
+class StaleStateError(RuntimeError):
+    """The source's pointer moved since the plan was computed: re-plan, never overwrite."""
+
+
+class Pointer(BaseModel):
+    source: str
+    serial: int
+    snapshot_key: str
+    partition_key: str
+    source_timestamp: datetime | None = None
+    published_at: datetime
+    entities: int
+
+
+def source_segment(connection_qualified_name: str) -> str:
+    """One safe path segment for a source: no '/', no '..', nothing that escapes its prefix."""
+    if not connection_qualified_name:
+        raise ValueError("empty connection qualified name")
+    return quote(connection_qualified_name, safe="").replace(".", "%2E")
+
+
+def empty_snapshot() -> pl.DataFrame:
+    return pl.DataFrame(schema=SNAPSHOT_SCHEMA)
+
+
+class StateStore:
+    def __init__(self, s3: Any, location: S3Location) -> None:
+        self.s3 = s3
+        self.location = location
+
+    # --- keys ---
+
+    def source_key(self, source: str, *parts: str) -> str:
+        return self.location.key("sources", source_segment(source), *parts)
+
+    def batch_key(self, partition_key: str, name: str) -> str:
+        run = RunRef.from_partition_key(partition_key)  # validates every segment
+        return self.location.key("batches", run.partition_key, name)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.location.bucket}/{key}"
+
+    # --- raw objects ---
+
+    def put_bytes(self, key: str, data: bytes, **conditions: str) -> str:
+        response = self.s3.put_object(Bucket=self.location.bucket, Key=key, Body=data, **conditions)
+        return response["ETag"]
+
+    def get_bytes(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            response = self.s3.get_object(Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise
+        return response["Body"].read(), response["ETag"]
+
+    def put_frame(self, key: str, frame: pl.DataFrame, **conditions: str) -> str:
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, compression="zstd")
+        return self.put_bytes(key, buffer.getvalue(), **conditions)
+
+    def get_frame(self, key: str) -> pl.DataFrame:
+        found = self.get_bytes(key)
+        if found is None:
+            raise FileNotFoundError(self.url(key))
+        return pl.read_parquet(io.BytesIO(found[0]))
+
+    # --- pointer and snapshots ---
+
+    def read_pointer(self, source: str) -> tuple[Pointer, str] | None:
+        found = self.get_bytes(self.source_key(source, "pointer.json"))
+        if found is None:
+            return None
+        return Pointer.model_validate_json(found[0]), found[1]
+
+    def current_serial(self, source: str) -> int:
+        found = self.read_pointer(source)
+        return found[0].serial if found else 0
+
+    def read_snapshot(self, source: str, serial: int) -> pl.DataFrame:
+        if serial == 0:
+            return empty_snapshot()
+        return self.get_frame(self.snapshot_key(source, serial))
+
+    def snapshot_key(self, source: str, serial: int) -> str:
+        return self.source_key(source, "snapshots", f"{serial:012d}.parquet")
+
+    def write_snapshot(self, source: str, serial: int, frame: pl.DataFrame) -> str:
+        """Write an immutable snapshot; an existing one with that serial is never replaced."""
+        key = self.snapshot_key(source, serial)
+        try:
+            self.put_frame(key, frame.select(list(SNAPSHOT_SCHEMA)), IfNoneMatch="*")
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                raise StaleStateError(
+                    f"snapshot {serial} of {source} already exists: another publish won"
+                ) from exc
+            raise
+        return key
+
+    def advance_pointer(self, pointer: Pointer, expected_serial: int) -> None:
+        """Compare-and-swap the source's pointer from ``expected_serial`` to ``pointer.serial``."""
+        key = self.source_key(pointer.source, "pointer.json")
+        current = self.read_pointer(pointer.source)
+        current_serial = current[0].serial if current else 0
+        if current_serial != expected_serial:
+            raise StaleStateError(
+                f"{pointer.source} is at serial {current_serial}, plan expected {expected_serial}"
+            )
+        condition = {"IfMatch": current[1]} if current else {"IfNoneMatch": "*"}
+        try:
+            self.put_bytes(key, pointer.model_dump_json().encode(), **condition)
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                raise StaleStateError(f"{pointer.source} pointer moved during publish") from exc
+            raise
+
+    def list_sources(self) -> list[str]:
+        """Connection qualified names that have a pointer."""
+        from urllib.parse import unquote
+
+        prefix = self.location.key("sources/")
+        sources = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix, Delimiter="/"):
+            for entry in page.get("CommonPrefixes", []):
+                sources.append(unquote(entry["Prefix"][len(prefix) :].rstrip("/")))
+        return sources
+
+
+def _precondition_failed(exc: ClientError) -> bool:
+    error = exc.response.get("Error", {})
+    return error.get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict")
