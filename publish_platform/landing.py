@@ -85,8 +85,11 @@ class RunRef:
     def partition_key(self) -> str:
         return f"{self.app}/{self.workflow_id}/{self.run_id}"
 
+    def prefix_in_landing(self) -> str:
+        return RUNS_ROOT + f"{self.app}/workflows/{self.workflow_id}/{self.run_id}/"
+
     def prefix(self, landing: S3Location) -> str:
-        return landing.key(RUNS_ROOT + f"{self.app}/workflows/{self.workflow_id}/{self.run_id}/")
+        return landing.key(self.prefix_in_landing())
 
     @classmethod
     def from_partition_key(cls, partition_key: str) -> RunRef:
@@ -349,3 +352,47 @@ def _summarize_validation(exc: ValidationError) -> str:
         for err in exc.errors()[:10]
     ]
     return "invalid publish-request.json: " + "; ".join(errors)
+
+
+# --- Discovery (shared by the sensor and `publish-platform drain`) -----------------------------
+
+
+@dataclass
+class Discovery:
+    """One pass over the landing prefix: what became ready, what is still settling, what is bad."""
+
+    ready: list[RunListing] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)  # partition key -> reason
+    rejected: list[str] = field(default_factory=list)  # run folders that can never be a batch
+    deep_listings: int = 0
+
+
+def discover(
+    s3: Any,
+    landing: S3Location,
+    known: set[str],
+    settle_seconds: float,
+    now: datetime | None = None,
+) -> Discovery:
+    """Find run folders that are not yet partitions and are ready; oldest first.
+
+    Only folders not in ``known`` are listed in depth, so the cost of a pass grows with what is
+    new, plus one shallow LIST call per thousand run folders of history.
+    """
+    now = now or utcnow()
+    found = Discovery()
+    for ref in iter_run_folders(s3, landing):
+        if isinstance(ref, InvalidRunFolder):
+            found.rejected.append(str(ref))
+            continue
+        if ref.partition_key in known:
+            continue
+        listing = list_run(s3, landing, ref)
+        found.deep_listings += 1
+        readiness = assess_readiness(listing, now, settle_seconds)
+        if readiness.ready:
+            found.ready.append(listing)
+        else:
+            found.waiting[ref.partition_key] = readiness.reason
+    found.ready.sort(key=lambda listing: (listing.last_modified or now, listing.run.partition_key))
+    return found

@@ -1,0 +1,18 @@
+"""Dagster definitions of the platform, thin over the pure core in ``publish_platform``.
+
+Loaded by ``workspace.yaml`` (webserver and daemon) and by the CLI.
+"""
+
+from dagster import Definitions
+
+from publish_platform.defs.assets import diff, plan, publish
+from publish_platform.defs.jobs import publish_batch
+from publish_platform.defs.resources import default_resources
+from publish_platform.defs.sensors import landing_sensor
+
+defs = Definitions(
+    assets=[diff, plan, publish],
+    jobs=[publish_batch],
+    sensors=[landing_sensor],
+    resources=default_resources(),
+)
