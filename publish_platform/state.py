@@ -128,10 +128,15 @@ class StateStore:
     def write_snapshot(self, source: str, serial: int, frame: pl.DataFrame) -> str:
         """Write an immutable snapshot; an existing one with that serial is never replaced."""
         key = self.snapshot_key(source, serial)
+        frame = frame.select(list(SNAPSHOT_SCHEMA))
         try:
-            self.put_frame(key, frame.select(list(SNAPSHOT_SCHEMA)), IfNoneMatch="*")
+            self.put_frame(key, frame, IfNoneMatch="*")
         except ClientError as exc:
             if _precondition_failed(exc):
+                # A retry of this very publish after the pointer write was lost (crash, network
+                # error) finds its own snapshot: accept it, or the source would be wedged forever.
+                if self.get_frame(key).equals(frame):
+                    return key
                 raise StaleStateError(
                     f"snapshot {serial} of {source} already exists: another publish won"
                 ) from exc
