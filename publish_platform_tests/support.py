@@ -1,0 +1,170 @@
+"""Helpers shared by the tests: the real fixture run, synthetic entities, landing runs in S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from publish_platform.config import S3Location
+from publish_platform.landing import RunRef
+
+
+def _fixtures_dir() -> Path:
+    candidates = [
+        os.environ.get("PUBLISH_PLATFORM_FIXTURES", ""),
+        str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"),
+        "/work/shared/fixtures",
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise FileNotFoundError("shared/fixtures not found (set PUBLISH_PLATFORM_FIXTURES)")
+
+
+FIXTURES = _fixtures_dir()
+UPSTREAM_RUN = FIXTURES / "upstream_postgres_run"
+UPSTREAM_REF = RunRef("postgres", "pg-local-extract", "11111111-1111-4111-8111-111111111111")
+UPSTREAM_SOURCE = "default/postgres/1745501106"
+UPSTREAM_ENTITIES = 38
+SEED_SAMPLE = FIXTURES / "seed_sample" / "entities.jsonl"
+SOURCE = "default/test/1"
+VOLATILE = ("lastSyncRun", "lastSyncRunAt", "lastSyncWorkflowName")
+
+
+def upstream_files() -> dict[str, bytes]:
+    """Every file of the real fixture run, keyed by its path relative to the run folder."""
+    folder = UPSTREAM_RUN / UPSTREAM_REF.prefix_in_landing()
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def upstream_data() -> dict[str, bytes]:
+    """Only the data files (``transformed/**/entities.json``) of the fixture run."""
+    return {k: v for k, v in upstream_files().items() if k.endswith(".json")}
+
+
+def upstream_entities() -> list[dict]:
+    return [
+        orjson.loads(line)
+        for data in upstream_data().values()
+        for line in data.splitlines()
+        if line.strip()
+    ]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def with_sidecars(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The files plus a fresh ``.sha256`` sidecar for every data file."""
+    out = {k: v for k, v in files.items() if not k.endswith(".sha256")}
+    for key, data in list(out.items()):
+        if key.startswith("transformed/") and key.endswith(".json"):
+            out[key + ".sha256"] = sha256(data).encode()
+    return out
+
+
+def land(
+    s3: Any,
+    landing: S3Location,
+    run: RunRef,
+    files: dict[str, bytes],
+    manifest: dict | bytes | None = None,
+) -> None:
+    """Upload a run folder the way the SDK does: data, then sidecars, then the manifest."""
+    prefix = run.prefix(landing)
+
+    def order(key: str) -> tuple[int, str]:
+        return (1 if key.endswith(".sha256") else 0, key)
+
+    for key in sorted(files, key=order):
+        s3.put_object(Bucket=landing.bucket, Key=prefix + key, Body=files[key])
+    if manifest is not None:
+        body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        s3.put_object(Bucket=landing.bucket, Key=prefix + "publish-request.json", Body=body)
+
+
+def manifest_for(run: RunRef, source: str = UPSTREAM_SOURCE, **overrides: Any) -> dict:
+    manifest = {
+        "connection_qualified_name": source,
+        "workflow_id": run.workflow_id,
+        "run_id": run.run_id,
+        "status": "SUCCEEDED",
+        "source_timestamp": "2026-01-01T00:00:00Z",
+        "processing_timestamp": "2026-01-01T00:05:00Z",
+        "mode": "full",
+    }
+    manifest.update(overrides)
+    return manifest
+
+
+def resync(data: bytes, run_id: str, at_ms: int, workflow_name: str) -> bytes:
+    """The same entities as a later sync would write them: only volatile attributes differ."""
+    lines = []
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        entity = orjson.loads(line)
+        entity["attributes"]["lastSyncRun"] = run_id
+        entity["attributes"]["lastSyncRunAt"] = at_ms
+        entity["attributes"]["lastSyncWorkflowName"] = workflow_name
+        lines.append(orjson.dumps(entity))
+    return b"\n".join(lines) + b"\n"
+
+
+# --- synthetic entities ----------------------------------------------------------------------
+
+PARENT_ATTRIBUTE = {
+    "Schema": ("database", "Database"),
+    "Table": ("atlanSchema", "Schema"),
+    "View": ("atlanSchema", "Schema"),
+    "Column": ("table", "Table"),
+}
+
+
+def ref(type_name: str, qualified_name: str) -> dict:
+    return {
+        "typeName": type_name,
+        "attributes": None,
+        "uniqueAttributes": {"qualifiedName": qualified_name},
+    }
+
+
+def entity(type_name: str, path: str = "", source: str = SOURCE, **attributes: Any) -> dict:
+    """A minimal SDK-shaped entity; its parent reference is derived from its qualified name."""
+    qualified_name = f"{source}/{path}" if path else source
+    attrs: dict[str, Any] = {
+        "qualifiedName": qualified_name,
+        "name": path.rsplit("/", 1)[-1] if path else source,
+        "connectionQualifiedName": source,
+        "lastSyncRun": "run-1",
+        "lastSyncRunAt": 1_700_000_000_000,
+        "lastSyncWorkflowName": "wf",
+    }
+    if type_name in PARENT_ATTRIBUTE and "/" in path:
+        attribute, parent_type = PARENT_ATTRIBUTE[type_name]
+        attrs[attribute] = ref(parent_type, qualified_name.rsplit("/", 1)[0])
+    attrs.update(attributes)
+    return {"typeName": type_name, "status": "ACTIVE", "attributes": attrs, "customAttributes": {}}
+
+
+def small_source(source: str = SOURCE) -> list[dict]:
+    """Database db, schema s, tables t1 and t2, two columns each: 8 entities."""
+    entities = [entity("Database", "db", source), entity("Schema", "db/s", source)]
+    for table in ("t1", "t2"):
+        entities.append(entity("Table", f"db/s/{table}", source))
+        entities.extend(entity("Column", f"db/s/{table}/c{i}", source) for i in (1, 2))
+    return entities
+
+
+def jsonl(entities: list[dict]) -> bytes:
+    return b"".join(orjson.dumps(e) + b"\n" for e in entities)

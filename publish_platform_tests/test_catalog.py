@@ -1,0 +1,132 @@
+"""The local SQL catalog, on SQLite and on a real PostgreSQL: one schema, same behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from publish_platform.metastores import open_metastore
+from publish_platform.metastores.base import EntityWrite, Identity
+from publish_platform.metastores.sql import SqlCatalog
+
+from .support import SOURCE, entity
+
+OTHER = "default/other/2"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def catalog_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'nested' / 'catalog.sqlite'}"
+    return request.getfixturevalue("make_postgres_database")()
+
+
+@pytest.fixture
+def catalog(catalog_url):
+    catalog = open_metastore(catalog_url)
+    assert isinstance(catalog, SqlCatalog)
+    yield catalog
+    catalog.close()
+
+
+def write(type_name: str, path: str, source: str = SOURCE, guid: str | None = None, **attrs):
+    e = entity(type_name, path, source, **attrs)
+    return EntityWrite(type_name, e["attributes"]["qualifiedName"], e, f"hash-{path}", guid)
+
+
+def test_upsert_creates_with_guid_and_reupsert_keeps_it(catalog):
+    first = catalog.upsert([write("Database", "db"), write("Schema", "db/s")])
+    assert [r.ok for r in first] == [True, True]
+    guids = {r.qualified_name: r.guid for r in first}
+    assert all(len(g) == 36 for g in guids.values())
+    assert len(set(guids.values())) == 2
+
+    again = catalog.upsert([write("Schema", "db/s", description="changed")])
+    assert again[0].guid == guids[f"{SOURCE}/db/s"]
+    versions = catalog.versions(SOURCE)
+    assert versions == {("Database", f"{SOURCE}/db"): 1, ("Schema", f"{SOURCE}/db/s"): 2}
+    dumped = {e["attributes"]["qualifiedName"]: e for e in catalog.dump(SOURCE)}
+    assert dumped[f"{SOURCE}/db/s"]["attributes"]["description"] == "changed"
+    assert dumped[f"{SOURCE}/db/s"]["guid"] == guids[f"{SOURCE}/db/s"]
+
+
+def test_upsert_honours_a_known_guid(catalog):
+    result = catalog.upsert([write("Table", "db/s/t", guid="00000000-0000-4000-8000-000000000001")])
+    assert result[0].guid == "00000000-0000-4000-8000-000000000001"
+
+
+def test_entity_payload_round_trips_with_nulls_and_unicode(catalog):
+    w = write("Column", "db/s/t/ç", description=None, comment="naïve – ✓", numericScale=0.0)
+    catalog.upsert([w])
+    (dumped,) = list(catalog.dump(SOURCE))
+    guid = dumped.pop("guid")
+    assert guid
+    assert dumped == w.entity
+
+
+def test_archive_hides_from_dump_and_upsert_revives(catalog):
+    created = catalog.upsert([write("Database", "db"), write("Schema", "db/s")])
+    archived = catalog.delete([Identity("Schema", f"{SOURCE}/db/s")])
+    assert archived[0].ok and archived[0].guid == created[1].guid
+    assert [e["typeName"] for e in catalog.dump(SOURCE)] == ["Database"]
+    assert catalog.versions(SOURCE)[("Schema", f"{SOURCE}/db/s")] == 2  # still stored
+
+    # Archiving twice, or something never stored, succeeds and changes nothing.
+    again = catalog.delete([Identity("Schema", f"{SOURCE}/db/s"), Identity("Table", "nowhere")])
+    assert [r.ok for r in again] == [True, True]
+    assert again[1].guid is None
+    assert catalog.versions(SOURCE)[("Schema", f"{SOURCE}/db/s")] == 2
+
+    revived = catalog.upsert([write("Schema", "db/s")])
+    assert revived[0].guid == created[1].guid
+    assert {e["typeName"] for e in catalog.dump(SOURCE)} == {"Database", "Schema"}
+
+
+def test_purge_removes(catalog):
+    catalog.upsert([write("Database", "db"), write("Schema", "db/s")])
+    purged = catalog.delete([Identity("Schema", f"{SOURCE}/db/s")], purge=True)
+    assert purged[0].ok and purged[0].guid
+    assert list(catalog.versions(SOURCE)) == [("Database", f"{SOURCE}/db")]
+    fresh = catalog.upsert([write("Schema", "db/s")])
+    assert fresh[0].guid != purged[0].guid  # a purged entity comes back as a new one
+
+
+def test_dump_is_filtered_by_source_and_ordered(catalog):
+    catalog.upsert([write("Table", "db/s/b"), write("Database", "db"), write("Table", "db/s/a")])
+    catalog.upsert([write("Database", "db", source=OTHER)])
+    ours = [(e["typeName"], e["attributes"]["qualifiedName"]) for e in catalog.dump(SOURCE)]
+    assert ours == [
+        ("Database", f"{SOURCE}/db"),
+        ("Table", f"{SOURCE}/db/s/a"),
+        ("Table", f"{SOURCE}/db/s/b"),
+    ]
+    assert [e["attributes"]["qualifiedName"] for e in catalog.dump(OTHER)] == [f"{OTHER}/db"]
+    assert len(list(catalog.dump())) == 4
+    assert set(catalog.versions(OTHER)) == {("Database", f"{OTHER}/db")}
+
+
+def test_one_identity_per_type(catalog):
+    """The same qualified name under two types is two entities."""
+    catalog.upsert([write("Table", "db/s/x"), write("View", "db/s/x")])
+    assert len(catalog.versions(SOURCE)) == 2
+
+
+def test_reopening_keeps_the_catalog(catalog_url):
+    first = SqlCatalog(catalog_url)
+    guid = first.upsert([write("Database", "db")])[0].guid
+    first.close()
+    second = SqlCatalog(catalog_url)  # create_all is idempotent
+    try:
+        assert [e["guid"] for e in second.dump(SOURCE)] == [guid]
+        dialect = second.engine.dialect.name
+        assert dialect == ("sqlite" if catalog_url.startswith("sqlite") else "postgresql")
+        with second.engine.connect() as connection:
+            count = connection.execute(sa.text("select count(*) from catalog_entities")).scalar()
+        assert count == 1
+    finally:
+        second.close()
+
+
+def test_atlan_is_not_available_yet():
+    with pytest.raises(NotImplementedError):
+        open_metastore("atlan")

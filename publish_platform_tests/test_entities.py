@@ -1,0 +1,204 @@
+"""Entities: parsing, validation with line numbers, canonical hashing, references."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from publish_platform.entities import canonical_json, content_hash, parse_files, references_of
+
+from .support import SEED_SAMPLE, SOURCE, VOLATILE, entity, jsonl, upstream_data, upstream_entities
+
+VOLATILE_SET = frozenset(VOLATILE)
+
+
+def reorder(value):
+    """The same JSON value with every object's keys in reverse order."""
+    if isinstance(value, dict):
+        return {k: reorder(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [reorder(v) for v in value]
+    return value
+
+
+def test_hash_ignores_key_order_and_volatile_attributes():
+    for original in upstream_entities():
+        expected = content_hash(original, VOLATILE_SET)
+        assert content_hash(reorder(original), VOLATILE_SET) == expected
+
+        resynced = copy.deepcopy(original)
+        resynced["attributes"]["lastSyncRun"] = "another-run"
+        resynced["attributes"]["lastSyncRunAt"] = 1
+        resynced["attributes"]["lastSyncWorkflowName"] = "another-workflow"
+        assert content_hash(resynced, VOLATILE_SET) == expected
+        # Without the volatile list these are real differences.
+        assert content_hash(resynced, frozenset()) != content_hash(original, frozenset())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e: e["attributes"].__setitem__("description", "now documented"),
+        lambda e: e["attributes"].__setitem__("name", e["attributes"]["name"] + "_renamed"),
+        lambda e: e["customAttributes"].__setitem__("is_nullable", "NO"),
+        lambda e: e["attributes"].pop("connectionName"),
+        lambda e: e.__setitem__("status", "DELETED"),
+        lambda e: e["attributes"]["table"]["uniqueAttributes"].__setitem__("qualifiedName", "x"),
+        lambda e: e["attributes"].__setitem__("lastSyncRunAtX", 1),  # not a volatile name
+    ],
+)
+def test_hash_changes_on_real_change(change):
+    column = next(e for e in upstream_entities() if e["typeName"] == "Column")
+    changed = copy.deepcopy(column)
+    change(changed)
+    assert content_hash(changed, VOLATILE_SET) != content_hash(column, VOLATILE_SET)
+
+
+def test_explicit_null_differs_from_absent_attribute():
+    with_null = entity("Table", "db/s/t", description=None)
+    without = entity("Table", "db/s/t")
+    assert content_hash(with_null, VOLATILE_SET) != content_hash(without, VOLATILE_SET)
+
+
+def test_hash_is_stable_across_processes_and_pinned():
+    """Persisted in snapshots: the same value in a fresh interpreter, and a known constant."""
+    sample = {"typeName": "Table", "attributes": {"qualifiedName": "a/b", "n": 1, "x": [1.5, None]}}
+    here = content_hash(sample, VOLATILE_SET)
+    code = (
+        "from publish_platform.entities import content_hash;"
+        f"print(content_hash({sample!r}, frozenset({list(VOLATILE)!r})))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+    ).stdout.strip()
+    assert other == here
+    assert canonical_json(sample) == (
+        b'{"attributes":{"n":1,"qualifiedName":"a/b","x":[1.5,null]},"typeName":"Table"}'
+    )
+    # BLAKE2b-128 of exactly that canonical JSON: any library or option drift shows up here.
+    assert here == "448d5277ef9c640348952f69c8c237c4"
+
+
+def test_parse_real_fixture_run():
+    files = sorted(upstream_data().items())
+    parsed = parse_files(files, VOLATILE)
+    assert parsed.issues == []
+    assert parsed.lines == 38
+    assert parsed.frame.height == 38
+    assert parsed.frame["hash"].n_unique() == 38
+    assert parsed.last_sync_ms == max(e["attributes"]["lastSyncRunAt"] for e in upstream_entities())
+    first = parsed.frame.row(0, named=True)
+    assert first["source_file"] == "transformed/column/entities.json"
+    assert first["line"] == 1
+    # The stored entity is the canonical JSON of the input, volatile attributes included.
+    assert orjson.loads(first["entity"]) == upstream_entities()[0]
+
+
+def test_parse_seed_sample():
+    parsed = parse_files([("entities.jsonl", SEED_SAMPLE.read_bytes())], VOLATILE)
+    assert parsed.issues == []
+    assert sorted(parsed.frame["type_name"]) == [
+        "Column",
+        "Database",
+        "Procedure",
+        "Schema",
+        "Table",
+        "View",
+    ]
+
+
+def test_bad_lines_become_issues_with_reasons_and_line_numbers():
+    good = entity("Table", "db/s/t")
+    lines = [
+        orjson.dumps(good),  # 1
+        b'{"typeName": "Table", "attributes": {',  # 2 truncated
+        b"",  # 3 blank: skipped, not counted
+        orjson.dumps({"attributes": {"qualifiedName": f"{SOURCE}/x"}}),  # 4
+        orjson.dumps({"typeName": "Table", "attributes": {"name": "x"}}),  # 5
+        b'{"typeName": "Table", "attributes": {"qualifiedName": "caf\xe9"}}',  # 6 latin-1
+        b"x" * 2000,  # 7 over size
+        b"[1, 2]",  # 8 not an object
+        orjson.dumps({"typeName": "Table"}),  # 9 no attributes
+        orjson.dumps(
+            {"typeName": "Table", "attributes": {"qualifiedName": f"{SOURCE}/db/s/u"}}
+        ),  # 10 no connection
+        orjson.dumps({"typeName": "", "attributes": {"qualifiedName": "q"}}),  # 11
+        orjson.dumps(entity("Column", "db/s/t/c")),  # 12
+    ]
+    parsed = parse_files([("transformed/t/entities.json", b"\n".join(lines))], VOLATILE, 1000)
+
+    assert parsed.lines == 11
+    assert parsed.frame["line"].to_list() == [1, 12]
+    reasons = {issue.line: issue.reason for issue in parsed.issues}
+    assert reasons == {
+        2: "malformed_json",
+        4: "missing_type_name",
+        5: "missing_qualified_name",
+        6: "malformed_json",
+        7: "line_too_large",
+        8: "malformed_json",
+        9: "missing_attributes",
+        10: "missing_connection",
+        11: "missing_type_name",
+    }
+    by_line = {issue.line: issue for issue in parsed.issues}
+    assert all(i.source_file == "transformed/t/entities.json" for i in parsed.issues)
+    assert "2000 bytes exceeds 1000" in by_line[7].message
+    # Whatever identity a bad line has is kept, so its absence is not taken for a deletion.
+    assert (by_line[10].type_name, by_line[10].qualified_name) == ("Table", f"{SOURCE}/db/s/u")
+    assert by_line[5].type_name == "Table" and by_line[5].qualified_name is None
+    assert by_line[4].qualified_name == f"{SOURCE}/x" and by_line[4].type_name is None
+    assert by_line[2].as_dict()["reason"] == "malformed_json"
+
+
+def test_crlf_line_endings_parse():
+    data = jsonl([entity("Table", "db/s/t"), entity("Column", "db/s/t/c")]).replace(b"\n", b"\r\n")
+    parsed = parse_files([("f.json", data)], VOLATILE)
+    assert parsed.issues == []
+    assert parsed.frame.height == 2
+
+
+def test_references_are_extracted_from_single_and_list_attributes():
+    attributes = {
+        "qualifiedName": "q",
+        "atlanSchema": {"typeName": "Schema", "uniqueAttributes": {"qualifiedName": "s"}},
+        "inputToProcesses": [
+            {"typeName": "Process", "uniqueAttributes": {"qualifiedName": "p1"}},
+            {"typeName": "Process", "uniqueAttributes": {"qualifiedName": "p2"}},
+        ],
+        "view": None,
+        "tableName": "t",
+        "broken": {"typeName": "Table", "uniqueAttributes": None},
+        "noType": {"uniqueAttributes": {"qualifiedName": "x"}},
+    }
+    assert references_of(attributes) == [
+        {"attribute": "atlanSchema", "type_name": "Schema", "qualified_name": "s"},
+        {"attribute": "inputToProcesses", "type_name": "Process", "qualified_name": "p1"},
+        {"attribute": "inputToProcesses", "type_name": "Process", "qualified_name": "p2"},
+    ]
+
+
+def test_references_of_real_fixture_in_parsed_frame():
+    parsed = parse_files(sorted(upstream_data().items()), VOLATILE)
+    refs = {
+        (row["type_name"], row["qualified_name"]): row["references"]
+        for row in parsed.frame.iter_rows(named=True)
+    }
+    partition = refs[("TablePartition", "default/postgres/1745501106/shopdb/sales/orders_open")]
+    assert partition == [
+        {
+            "attribute": "parentTable",
+            "type_name": "Table",
+            "qualified_name": "default/postgres/1745501106/shopdb/sales/orders",
+        }
+    ]
+    assert refs[("Database", "default/postgres/1745501106/shopdb")] == []
+    assert sum(len(r) for r in refs.values()) == 37  # every entity but the database has a parent

@@ -1,0 +1,204 @@
+"""Publish: chunked execution with per-entity failure isolation, and the next snapshot."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import polars as pl
+import pytest
+
+from publish_platform.diff import diff_batch
+from publish_platform.entities import parse_files
+from publish_platform.metastores.base import EntityWrite, Identity, WriteResult
+from publish_platform.metastores.sql import SqlCatalog
+from publish_platform.plan import build_plan
+from publish_platform.publish import execute_plan, next_snapshot
+from publish_platform.state import SNAPSHOT_SCHEMA, empty_snapshot
+
+from .support import UPSTREAM_SOURCE, VOLATILE, jsonl, upstream_data, upstream_entities
+
+PK = "postgres/wf/run"
+
+
+def qn(path: str) -> str:
+    return f"{UPSTREAM_SOURCE}/shopdb/{path}"
+
+
+class PoisonMetastore:
+    """The SQL catalog, except that any chunk containing a poison entity fails as a whole."""
+
+    def __init__(self, catalog: SqlCatalog, poison: set[str]) -> None:
+        self.catalog = catalog
+        self.poison = poison
+        self.calls: list[tuple[str, int]] = []
+
+    def _check(self, names: list[str]) -> None:
+        bad = self.poison.intersection(names)
+        if bad:
+            raise RuntimeError(f"metastore rejected {sorted(bad)[0]}")
+
+    def upsert(self, entities: Sequence[EntityWrite]) -> list[WriteResult]:
+        self.calls.append(("upsert", len(entities)))
+        self._check([e.qualified_name for e in entities])
+        return self.catalog.upsert(entities)
+
+    def delete(self, identities: Sequence[Identity], purge: bool = False) -> list[WriteResult]:
+        self.calls.append(("delete", len(identities)))
+        self._check([i.qualified_name for i in identities])
+        return self.catalog.delete(identities, purge=purge)
+
+    def dump(self, source=None):
+        return self.catalog.dump(source)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    catalog = SqlCatalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+    yield catalog
+    catalog.close()
+
+
+def first_plan():
+    parsed = parse_files(sorted(upstream_data().items()), VOLATILE)
+    return build_plan(diff_batch(parsed, empty_snapshot(), UPSTREAM_SOURCE, "full"), PK, 0)
+
+
+def test_poison_entity_is_isolated_and_the_rest_published(catalog):
+    poison = qn("sales/orders/amount")
+    metastore = PoisonMetastore(catalog, {poison})
+    plan = first_plan()
+    progress: list[tuple[int, int]] = []
+
+    outcome = execute_plan(
+        plan.operations, metastore, chunk_size=8, progress=lambda d, t: progress.append((d, t))
+    )
+
+    assert outcome.succeeded == 37 and outcome.failed == 1
+    assert outcome.errors == [
+        {
+            "type_name": "Column",
+            "qualified_name": poison,
+            "error": f"RuntimeError: metastore rejected {poison}",
+        }
+    ]
+    results = outcome.results
+    assert results["seq"].to_list() == plan.operations["seq"].to_list()
+    failed = results.join(plan.operations, on="seq").filter(~pl.col("ok"))
+    assert failed["qualified_name"].to_list() == [poison]
+    assert failed["guid"].to_list() == [None]
+    assert results.filter(pl.col("ok"))["guid"].null_count() == 0
+    # 5 chunks of at most 8; the poisoned one splits 8 -> 4 -> 2 -> 1.
+    assert outcome.split_chunks == 3
+    assert outcome.requests == 5 + 2 * 3
+    assert progress[-1] == (38, 38)
+    published = {e["attributes"]["qualifiedName"] for e in catalog.dump(UPSTREAM_SOURCE)}
+    assert len(published) == 37 and poison not in published
+
+
+def test_chunks_never_mix_upserts_and_deletes_and_respect_chunk_size(catalog):
+    base = next_snapshot(empty_snapshot(), first_plan().operations, _all_ok(first_plan()))
+    kept = [e for e in upstream_entities() if "/hr/" not in e["attributes"]["qualifiedName"]]
+    changed = copy.deepcopy(kept)
+    for e in changed:
+        e["attributes"]["description"] = "changed"
+    parsed = parse_files([("f.json", jsonl(changed))], VOLATILE)
+    plan = build_plan(diff_batch(parsed, base, UPSTREAM_SOURCE, "full"), PK, 1)
+    assert (plan.header.updates, plan.header.deletes) == (32, 6)  # hr: table, 4 columns, procedure
+    metastore = PoisonMetastore(catalog, set())
+
+    outcome = execute_plan(plan.operations, metastore, chunk_size=10)
+
+    assert outcome.failed == 0
+    assert metastore.calls == [
+        ("upsert", 10),
+        ("upsert", 10),
+        ("upsert", 10),
+        ("upsert", 2),
+        ("delete", 6),
+    ]
+
+
+def _all_ok(plan) -> pl.DataFrame:
+    ops = plan.operations
+    return pl.DataFrame(
+        {
+            "seq": ops["seq"],
+            "ok": [True] * ops.height,
+            "guid": [f"g-{q}" for q in ops["qualified_name"]],
+            "error": [None] * ops.height,
+        },
+        schema={"seq": pl.Int64, "ok": pl.Boolean, "guid": pl.String, "error": pl.String},
+    )
+
+
+def test_next_snapshot_keeps_old_row_for_failed_update_and_omits_failed_create(catalog):
+    first = first_plan()
+    first_outcome = execute_plan(first.operations, catalog, chunk_size=100)
+    base = next_snapshot(empty_snapshot(), first.operations, first_outcome.results)
+    assert base.height == 38 and base.columns == list(SNAPSHOT_SCHEMA)
+    old = {r["qualified_name"]: r for r in base.iter_rows(named=True)}
+
+    entities = []
+    for original in upstream_entities():
+        e = copy.deepcopy(original)
+        name = e["attributes"]["qualifiedName"]
+        if name in (qn("sales/orders"), qn("sales/customers")):
+            e["attributes"]["description"] = "updated"
+        if name in (qn("hr/employees/dept"), qn("hr/employees/salary")):
+            continue  # deleted
+        entities.append(e)
+    for column in ("bonus", "grade"):
+        new = copy.deepcopy(next(e for e in entities if e["typeName"] == "Column"))
+        new["attributes"].update(qualifiedName=qn(f"hr/employees/{column}"), name=column)
+        entities.append(new)
+    parsed = parse_files([("f.json", jsonl(entities))], VOLATILE)
+    plan = build_plan(diff_batch(parsed, base, UPSTREAM_SOURCE, "full"), PK, 1)
+    assert (plan.header.creates, plan.header.updates, plan.header.deletes) == (2, 2, 2)
+
+    poison = {qn("sales/orders"), qn("hr/employees/bonus"), qn("hr/employees/salary")}
+    outcome = execute_plan(plan.operations, PoisonMetastore(catalog, poison), chunk_size=100)
+    assert outcome.failed == 3 and outcome.succeeded == 3
+
+    snapshot = next_snapshot(base, plan.operations, outcome.results)
+    rows = {r["qualified_name"]: r for r in snapshot.iter_rows(named=True)}
+
+    # Failed update: the old row, old hash, so the next batch sees it as changed and retries.
+    assert rows[qn("sales/orders")] == old[qn("sales/orders")]
+    # Successful update: new hash, same guid.
+    assert rows[qn("sales/customers")]["hash"] != old[qn("sales/customers")]["hash"]
+    assert rows[qn("sales/customers")]["guid"] == old[qn("sales/customers")]["guid"]
+    # Failed create: absent. Successful create: present with the metastore's guid.
+    assert qn("hr/employees/bonus") not in rows
+    assert rows[qn("hr/employees/grade")]["guid"]
+    # Failed delete: still there. Successful delete: gone.
+    assert rows[qn("hr/employees/salary")] == old[qn("hr/employees/salary")]
+    assert qn("hr/employees/dept") not in rows
+    assert snapshot.height == 38 - 1 + 1
+    assert snapshot.select("type_name", "qualified_name").is_duplicated().sum() == 0
+    assert snapshot["qualified_name"].to_list() == sorted(
+        snapshot["qualified_name"].to_list(),
+        key=lambda q: (rows[q]["type_name"], q),
+    )
+
+
+def test_purge_removes_and_archive_hides(catalog):
+    plan = first_plan()
+    execute_plan(plan.operations, catalog, chunk_size=50)
+    base = next_snapshot(empty_snapshot(), plan.operations, _all_ok(plan))
+    batch = [e for e in upstream_entities() if e["typeName"] != "Column"]
+    deletes = build_plan(
+        diff_batch(
+            parse_files([("f.json", jsonl(batch))], VOLATILE), base, UPSTREAM_SOURCE, "full"
+        ),
+        PK,
+        1,
+    )
+    assert deletes.header.deletes == 25
+    outcome = execute_plan(deletes.operations, catalog, chunk_size=50, purge=True)
+    assert outcome.failed == 0
+    assert len(list(catalog.dump(UPSTREAM_SOURCE))) == 13
+    assert len(catalog.versions(UPSTREAM_SOURCE)) == 13  # purged rows are gone entirely

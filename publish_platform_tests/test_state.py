@@ -1,0 +1,149 @@
+"""The state store over a real S3 API: immutable snapshots, compare-and-swap pointer, safe keys."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import polars as pl
+import pytest
+
+from publish_platform.state import (
+    Pointer,
+    StaleStateError,
+    StateStore,
+    empty_snapshot,
+    source_segment,
+)
+
+from .support import SOURCE
+
+SNAPSHOT = pl.DataFrame(
+    {
+        "type_name": ["Database", "Schema"],
+        "qualified_name": [f"{SOURCE}/db", f"{SOURCE}/db/s"],
+        "hash": ["h1", "h2"],
+        "guid": ["g1", None],
+        "entity": ['{"typeName":"Database"}', '{"typeName":"Schema"}'],
+        "references": [
+            [],
+            [{"attribute": "database", "type_name": "Database", "qualified_name": f"{SOURCE}/db"}],
+        ],
+    },
+    schema=empty_snapshot().schema,
+)
+
+
+@pytest.fixture
+def store(s3, settings) -> StateStore:
+    return StateStore(s3, settings.state_location)
+
+
+def pointer(serial: int, source: str = SOURCE) -> Pointer:
+    return Pointer(
+        source=source,
+        serial=serial,
+        snapshot_key=f"snapshots/{serial}",
+        partition_key=f"app/wf/run-{serial}",
+        published_at=datetime.now(UTC),
+        entities=serial,
+    )
+
+
+def test_snapshot_round_trip_and_immutability(store):
+    key = store.write_snapshot(SOURCE, 1, SNAPSHOT)
+    assert key.endswith("/snapshots/000000000001.parquet")
+    assert store.read_snapshot(SOURCE, 1).equals(SNAPSHOT)
+
+    with pytest.raises(StaleStateError, match="already exists"):
+        store.write_snapshot(SOURCE, 1, SNAPSHOT.head(1))
+    assert store.read_snapshot(SOURCE, 1).equals(SNAPSHOT)  # the first write stands
+    # The very same snapshot again is a retry of the same publish, not a competitor.
+    assert store.write_snapshot(SOURCE, 1, SNAPSHOT) == key
+
+
+def test_serial_zero_is_the_empty_snapshot(store):
+    assert store.current_serial(SOURCE) == 0
+    assert store.read_pointer(SOURCE) is None
+    snapshot = store.read_snapshot(SOURCE, 0)
+    assert snapshot.height == 0 and snapshot.schema == SNAPSHOT.schema
+    with pytest.raises(FileNotFoundError):
+        store.read_snapshot(SOURCE, 5)
+
+
+def test_pointer_advances_only_from_the_expected_serial(store):
+    store.advance_pointer(pointer(1), expected_serial=0)
+    assert store.current_serial(SOURCE) == 1
+
+    with pytest.raises(StaleStateError, match="at serial 1, plan expected 0"):
+        store.advance_pointer(pointer(1), expected_serial=0)  # a retried old batch
+    with pytest.raises(StaleStateError):
+        store.advance_pointer(pointer(3), expected_serial=2)  # ahead of reality
+    assert store.current_serial(SOURCE) == 1
+
+    store.advance_pointer(pointer(2), expected_serial=1)
+    found = store.read_pointer(SOURCE)
+    assert found is not None
+    assert found[0].serial == 2 and found[0].partition_key == "app/wf/run-2"
+
+
+def test_pointer_write_is_a_compare_and_swap_in_s3(store, monkeypatch):
+    """Two publishers read serial 1; the second one's conditional write must fail."""
+    store.advance_pointer(pointer(1), expected_serial=0)
+    seen_by_both = store.read_pointer(SOURCE)
+    store.advance_pointer(pointer(2), expected_serial=1)  # the first publisher wins
+
+    monkeypatch.setattr(store, "read_pointer", lambda source: seen_by_both)
+    with pytest.raises(StaleStateError, match="moved during publish"):
+        store.advance_pointer(pointer(2), expected_serial=1)
+    monkeypatch.undo()
+    assert store.read_pointer(SOURCE)[0].partition_key == "app/wf/run-2"
+
+
+def test_first_pointer_is_created_only_once(store, monkeypatch):
+    """Two first publishers both saw no pointer: If-None-Match lets only one create it."""
+    store.advance_pointer(pointer(1), expected_serial=0)
+    monkeypatch.setattr(store, "read_pointer", lambda source: None)
+    with pytest.raises(StaleStateError, match="moved during publish"):
+        store.advance_pointer(pointer(1), expected_serial=0)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["../x", "a/b", "..", ".", "default/postgres/1745501106", "x/../../sources/y", "a%2Fb", "é/ü"],
+)
+def test_source_segment_cannot_escape_its_prefix(source, store):
+    segment = source_segment(source)
+    assert "/" not in segment
+    assert "." not in segment  # so never '.' or '..'
+    assert store.location.prefix == ""
+    assert store.source_key(source, "pointer.json") == f"sources/{segment}/pointer.json"
+    assert store.snapshot_key(source, 3) == f"sources/{segment}/snapshots/000000000003.parquet"
+
+
+def test_source_segments_are_distinct_and_reversible(store):
+    sources = ["a/b", "a%2Fb", "a.b", "a%2Eb", "../x", "default/postgres/1745501106"]
+    assert len({source_segment(s) for s in sources}) == len(sources)
+    for serial, source in enumerate(sources, start=1):
+        store.advance_pointer(pointer(serial, source), expected_serial=0)
+    assert sorted(store.list_sources()) == sorted(sources)
+    for serial, source in enumerate(sources, start=1):
+        assert store.current_serial(source) == serial
+
+
+def test_empty_source_is_refused():
+    with pytest.raises(ValueError):
+        source_segment("")
+
+
+def test_state_under_a_prefix(s3, settings):
+    from publish_platform.config import S3Location
+
+    location = S3Location.parse(f"s3://{settings.state_location.bucket}/env/prod")
+    store = StateStore(s3, location)
+    store.write_snapshot(SOURCE, 1, SNAPSHOT)
+    store.advance_pointer(pointer(1), expected_serial=0)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=location.bucket)["Contents"]]
+    assert keys and all(k.startswith("env/prod/sources/") for k in keys)
+    assert store.list_sources() == [SOURCE]
+    with pytest.raises(ValueError):
+        S3Location.parse("s3://bucket/../other")
