@@ -61,12 +61,15 @@ def content_hash(entity: dict, volatile: frozenset[str]) -> str:
     """Hash of what matters in an entity: everything but its volatile attributes."""
     attributes = entity.get("attributes")
     if isinstance(attributes, dict) and volatile.intersection(attributes):
-        entity = {**entity, "attributes": {k: v for k, v in attributes.items() if k not in volatile}}
+        entity = {
+            **entity,
+            "attributes": {k: v for k, v in attributes.items() if k not in volatile},
+        }
     return hashlib.blake2b(canonical_json(entity), digest_size=16).hexdigest()
 
 
 def references_of(attributes: dict) -> list[dict[str, str]]:
-    """Reference attributes: ``{"typeName": …, "uniqueAttributes": {"qualifiedName": …}}`` or lists."""
+    """Attributes that reference entities: ``{"typeName", "uniqueAttributes"}`` or lists of them."""
     refs: list[dict[str, str]] = []
     for name, value in attributes.items():
         for item in value if isinstance(value, list) else (value,):

@@ -39,7 +39,9 @@ class InvalidRunFolder(ValueError):
 class ManifestFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="Key relative to the run folder, e.g. transformed/table/entities.json")
+    path: str = Field(
+        description="Key relative to the run folder, e.g. transformed/table/entities.json"
+    )
     records: int | None = Field(default=None, ge=0)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
@@ -95,7 +97,9 @@ class RunRef:
     def from_partition_key(cls, partition_key: str) -> RunRef:
         parts = partition_key.split("/")
         if len(parts) != 3:
-            raise InvalidRunFolder(f"partition key must be app/workflow_id/run_id: {partition_key!r}")
+            raise InvalidRunFolder(
+                f"partition key must be app/workflow_id/run_id: {partition_key!r}"
+            )
         for part in parts:
             if not _SEGMENT.match(part):
                 raise InvalidRunFolder(f"unsafe path segment {part!r} in {partition_key!r}")
@@ -294,7 +298,7 @@ def read_batch(s3: Any, landing: S3Location, run: RunRef) -> LandedBatch:
                 problems.append(
                     BatchProblem(
                         "checksum_mismatch",
-                        f"{obj.key[len(listing.prefix):]}: sha256 {digest} but sidecar says"
+                        f"{obj.key[len(listing.prefix) :]}: sha256 {digest} but sidecar says"
                         f" {expected or '(empty)'}",
                     )
                 )

@@ -228,7 +228,9 @@ def read_plan(state: StateStore, partition_key: str) -> Plan:
     if found is None:
         raise FileNotFoundError(f"no plan stored for {partition_key}: materialize plan first")
     header = PlanHeader.model_validate_json(found[0])
-    return Plan(header=header, operations=state.get_frame(state.batch_key(partition_key, "plan.parquet")))
+    return Plan(
+        header=header, operations=state.get_frame(state.batch_key(partition_key, "plan.parquet"))
+    )
 
 
 # --- publish ---------------------------------------------------------------------------------
@@ -244,7 +246,9 @@ def run_publish(
     """Apply the stored plan, then write the next snapshot and advance the pointer (CAS)."""
     started = time.perf_counter()
     summary, _ = read_diff(state, partition_key)
-    result = PublishSummary(partition_key=partition_key, outcome="not_publishable", source=summary.source)
+    result = PublishSummary(
+        partition_key=partition_key, outcome="not_publishable", source=summary.source
+    )
     if summary.outcome != "diffed":
         result.duration_s = time.perf_counter() - started
         return result

@@ -62,8 +62,11 @@ class PlanHeader(BaseModel):
 class Plan:
     header: PlanHeader
     operations: pl.DataFrame  # PLAN_SCHEMA, in execution order
-    batch_identities: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema={
-        "type_name": pl.String, "qualified_name": pl.String}))
+    batch_identities: pl.DataFrame = field(
+        default_factory=lambda: pl.DataFrame(
+            schema={"type_name": pl.String, "qualified_name": pl.String}
+        )
+    )
 
 
 def build_plan(
@@ -108,7 +111,9 @@ def preview(plan: Plan, limit: int = 20) -> str:
     ops = plan.operations.head(limit)
     lines = ["| # | op | type | qualifiedName |", "|---|---|---|---|"]
     for row in ops.iter_rows(named=True):
-        lines.append(f"| {row['seq']} | {row['op']} | {row['type_name']} | `{row['qualified_name']}` |")
+        lines.append(
+            f"| {row['seq']} | {row['op']} | {row['type_name']} | `{row['qualified_name']}` |"
+        )
     more = plan.operations.height - ops.height
     if more > 0:
         lines.append(f"| … | {more} more | | |")
@@ -134,9 +139,7 @@ def check_scope(plan: Plan) -> CheckOutcome:
     source = plan.header.source
     ops = plan.operations
     connections = ops.select(
-        pl.col("entity")
-        .map_elements(_connection_of, return_dtype=pl.String)
-        .alias("connection"),
+        pl.col("entity").map_elements(_connection_of, return_dtype=pl.String).alias("connection"),
         *IDENTITY,
     )
     outside = connections.filter(
@@ -207,9 +210,7 @@ def check_deletion_safety(plan: Plan, threshold: float) -> CheckOutcome:
 
 def check_references(plan: Plan, snapshot: pl.DataFrame) -> CheckOutcome:
     """Report references whose target is neither in the batch nor in the published snapshot."""
-    known = pl.concat(
-        [plan.batch_identities, snapshot.select(IDENTITY)], how="vertical"
-    ).unique()
+    known = pl.concat([plan.batch_identities, snapshot.select(IDENTITY)], how="vertical").unique()
     deleted = plan.operations.filter(pl.col("op") == "delete").select(IDENTITY)
     known = known.join(deleted, on=IDENTITY, how="anti")
     refs = (

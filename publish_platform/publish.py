@@ -108,7 +108,10 @@ def _apply_isolating(
         if len(chunk) == 1:
             row = chunk[0]
             message = f"{type(exc).__name__}: {exc}"[:2000]
-            yield row["seq"], WriteResult(row["type_name"], row["qualified_name"], False, None, message)
+            yield (
+                row["seq"],
+                WriteResult(row["type_name"], row["qualified_name"], False, None, message),
+            )
             return
         outcome.split_chunks += 1
         middle = len(chunk) // 2

@@ -32,8 +32,12 @@ class PublishStatus(StrEnum):
     DEAD_LETTERED = "DEAD_LETTERED"  # exhausted the retry tiers
 
 
-TERMINAL_NOT_OK = {PublishStatus.FAILED, PublishStatus.QUARANTINED, PublishStatus.HELD,
-                   PublishStatus.DEAD_LETTERED}
+TERMINAL_NOT_OK = {
+    PublishStatus.FAILED,
+    PublishStatus.QUARANTINED,
+    PublishStatus.HELD,
+    PublishStatus.DEAD_LETTERED,
+}
 
 
 class BatchMetrics(BaseModel):
@@ -80,13 +84,19 @@ class PublishState(BaseModel):
 _METRIC_FIELDS = set(BatchMetrics.model_fields)
 
 
-def derive_states(instance: Any, landing_url: str, partition_keys: Iterable[str] | None = None,
-                  job_name: str = "publish_batch") -> list[PublishState]:
+def derive_states(
+    instance: Any,
+    landing_url: str,
+    partition_keys: Iterable[str] | None = None,
+    job_name: str = "publish_batch",
+) -> list[PublishState]:
     """One PublishState per partition of the ``workflow_runs`` partitions definition."""
     from dagster import DagsterEventType, RunsFilter
 
-    keys = list(partition_keys) if partition_keys is not None else list(
-        instance.get_dynamic_partitions("workflow_runs")
+    keys = (
+        list(partition_keys)
+        if partition_keys is not None
+        else list(instance.get_dynamic_partitions("workflow_runs"))
     )
     runs_by_key: dict[str, list[Any]] = {}
     for record in instance.get_run_records(RunsFilter(job_name=job_name)):
@@ -111,8 +121,11 @@ def derive_states(instance: Any, landing_url: str, partition_keys: Iterable[str]
         if records:
             state.created_at = records[0].create_timestamp
             latest = records[-1]
-            state.updated_at = latest.end_time and datetime.fromtimestamp(latest.end_time, UTC) \
+            state.updated_at = (
+                latest.end_time
+                and datetime.fromtimestamp(latest.end_time, UTC)
                 or latest.update_timestamp
+            )
             _apply_run(instance, state, latest, DagsterEventType)
         states.append(state)
     return states

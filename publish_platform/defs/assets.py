@@ -1,6 +1,5 @@
 """The three partitioned assets of a batch. Their materialization metadata is the publish-state."""
 
-
 from collections.abc import Iterator
 
 from dagster import (
@@ -46,12 +45,15 @@ def diff(
     """The workflow run's entities compared with its source's current snapshot."""
     client = s3.get_client()
     state = platform.state_store(client)
-    summary = run_diff(client, state, platform.settings(), context.partition_key, force=config.force)
+    summary = run_diff(
+        client, state, platform.settings(), context.partition_key, force=config.force
+    )
     for problem in summary.problems:
         context.log.error(f"{summary.outcome}: {problem['kind']}: {problem['message']}")
     for issue in summary.issues_preview:
         context.log.warning(
-            f"isolated {issue['source_file']}:{issue['line']} ({issue['reason']}): {issue['message']}"
+            f"isolated {issue['source_file']}:{issue['line']} ({issue['reason']}):"
+            f" {issue['message']}"
         )
     if summary.deletions_withheld:
         context.log.warning(summary.deletions_withheld)
@@ -73,7 +75,9 @@ def diff(
             "issue_counts": MetadataValue.json(summary.issue_counts),
             "problems": MetadataValue.json(summary.problems),
             "deletions_withheld": summary.deletions_withheld or "",
-            "source_timestamp": summary.source_timestamp.isoformat() if summary.source_timestamp else "",
+            "source_timestamp": summary.source_timestamp.isoformat()
+            if summary.source_timestamp
+            else "",
             "landed_at": summary.landed_at.isoformat() if summary.landed_at else "",
             "forced": summary.forced,
             "diff_s": round(summary.duration_s, 3),

@@ -1,9 +1,15 @@
 """The landing sensor: one dynamic partition and one run per ready workflow run."""
 
-
 import json
 
-from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import (
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
 from dagster_aws.s3 import S3Resource
 
 from publish_platform.config import load_settings
@@ -32,6 +38,7 @@ def run_request_for(listing: RunListing) -> RunRequest:
 @sensor(
     job=publish_batch,
     minimum_interval_seconds=load_settings().sensor_interval_seconds,
+    default_status=DefaultSensorStatus.RUNNING,
     description="Watches the landing prefix; adds a partition and requests a run per ready run.",
 )
 def landing_sensor(

@@ -101,7 +101,9 @@ class SqlCatalog:
                 for row in connection.execute(statement)
             }
         return [
-            WriteResult(w.type_name, w.qualified_name, True, returned[(w.type_name, w.qualified_name)])
+            WriteResult(
+                w.type_name, w.qualified_name, True, returned[(w.type_name, w.qualified_name)]
+            )
             for w in writes
         ]
 
@@ -115,8 +117,9 @@ class SqlCatalog:
             guids = {
                 (row.type_name, row.qualified_name): row.guid
                 for row in connection.execute(
-                    sa.select(entities.c.guid, entities.c.type_name, entities.c.qualified_name)
-                    .where(condition)
+                    sa.select(
+                        entities.c.guid, entities.c.type_name, entities.c.qualified_name
+                    ).where(condition)
                 )
             }
             if purge:
@@ -132,7 +135,9 @@ class SqlCatalog:
                     )
                 )
         return [
-            WriteResult(i.type_name, i.qualified_name, True, guids.get((i.type_name, i.qualified_name)))
+            WriteResult(
+                i.type_name, i.qualified_name, True, guids.get((i.type_name, i.qualified_name))
+            )
             for i in identities
         ]
 

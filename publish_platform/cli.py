@@ -1,0 +1,208 @@
+"""``publish-platform``: the operator's command line.
+
+Every command works on the Dagster instance named by ``DAGSTER_HOME`` (as Dagster's own CLI does;
+default ``<PUBLISH_PLATFORM_HOME>/dagster``) and on the S3 and metastore configured by
+``PUBLISH_PLATFORM_*`` and boto3's own variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from publish_platform.config import Settings, load_settings
+
+
+def _dagster_home(settings: Settings) -> Path:
+    home = os.environ.get("DAGSTER_HOME")
+    if home:
+        return Path(home)
+    path = (settings.home / "dagster").resolve()
+    os.environ["DAGSTER_HOME"] = str(path)
+    return path
+
+
+def _instance(settings: Settings) -> Any:
+    from dagster import DagsterInstance
+
+    from publish_platform.runtime import write_instance_yaml
+
+    home = _dagster_home(settings)
+    if not (home / "dagster.yaml").exists():
+        write_instance_yaml(home, storage="sqlite")
+    return DagsterInstance.get()
+
+
+# --- land ------------------------------------------------------------------------------------
+
+
+def cmd_land(args: argparse.Namespace) -> int:
+    from publish_platform.local_s3 import s3_client, upload_tree
+
+    settings = load_settings()
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        print(f"not a folder: {folder}", file=sys.stderr)
+        return 2
+    landing = settings.landing_location
+    keys = upload_tree(s3_client(), folder, landing.bucket, landing.prefix)
+    print(f"landed {len(keys)} object(s) from {folder} into {landing}")
+    return 0
+
+
+# --- drain -----------------------------------------------------------------------------------
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Discover every ready run and publish it here, in the foreground, through the same job."""
+    from publish_platform.defs import defs
+    from publish_platform.defs.partitions import workflow_runs
+    from publish_platform.defs.sensors import run_request_for
+    from publish_platform.landing import discover
+    from publish_platform.local_s3 import s3_client
+    from publish_platform.publish_state import TERMINAL_NOT_OK, derive_states
+
+    settings = load_settings()
+    instance = _instance(settings)
+    known = set(instance.get_dynamic_partitions(workflow_runs.name))
+    found = discover(s3_client(), settings.landing_location, known, settings.settle_seconds)
+    for reason in found.rejected:
+        print(f"ignored run folder: {reason}", file=sys.stderr)
+    for key, reason in found.waiting.items():
+        print(f"not ready: {key}: {reason}")
+    keys = [listing.run.partition_key for listing in found.ready]
+    if not keys:
+        print("nothing to drain")
+        return 0
+    instance.add_dynamic_partitions(workflow_runs.name, keys)
+    job = defs.resolve_job_def("publish_batch")
+    for number, listing in enumerate(found.ready, start=1):
+        request = run_request_for(listing)
+        key = listing.run.partition_key
+        print(f"[{number}/{len(keys)}] {key} …", flush=True)
+        job.execute_in_process(
+            partition_key=key, instance=instance, tags=request.tags, raise_on_error=False
+        )
+        state = derive_states(instance, settings.landing, [key])[0]
+        print(f"[{number}/{len(keys)}] {key}: {state.status} {_counts(state)}", flush=True)
+    states = derive_states(instance, settings.landing, keys)
+    failed = [s for s in states if s.status in TERMINAL_NOT_OK]
+    print(f"drained {len(states)} batch(es), {len(failed)} not published")
+    return 1 if failed else 0
+
+
+def _counts(state: Any) -> str:
+    m = state.metrics
+    return (
+        f"(+{m.creates} ~{m.updates} -{m.deletes} ={m.unchanged}, isolated {m.isolated},"
+        f" failed {m.failed})"
+    )
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from publish_platform.publish_state import derive_states
+
+    settings = load_settings()
+    states = derive_states(_instance(settings), settings.landing)
+    states.sort(key=lambda s: (s.created_at is None, s.created_at or 0, s.partition_key))
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps(
+                [s.model_dump(mode="json") for s in states], option=orjson.OPT_INDENT_2
+            ).decode()
+            + "\n"
+        )
+        return 0
+    header = ("PARTITION", "SOURCE", "STATUS", "COUNTS", "STARTED", "UPDATED")
+    rows = [
+        (
+            s.partition_key,
+            s.source_id or "-",
+            s.status.value,
+            _counts(s),
+            s.created_at.strftime("%Y-%m-%d %H:%M:%S") if s.created_at else "-",
+            s.updated_at.strftime("%Y-%m-%d %H:%M:%S") if s.updated_at else "-",
+        )
+        for s in states
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+# --- catalog ---------------------------------------------------------------------------------
+
+
+def cmd_catalog_dump(args: argparse.Namespace) -> int:
+    from publish_platform.metastores import open_metastore
+
+    metastore = open_metastore(load_settings().metastore_url)
+    try:
+        out = sys.stdout.buffer
+        for entity in metastore.dump(args.source):
+            out.write(orjson.dumps(entity) + b"\n")
+    finally:
+        metastore.close()
+    return 0
+
+
+# --- dev -------------------------------------------------------------------------------------
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from publish_platform.dev import run_dev
+
+    return run_dev(webserver_port=args.port, s3_port=args.s3_port, demo=not args.no_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="publish-platform", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser(
+        "dev",
+        help="run the embedded platform: moto S3, Dagster webserver + daemon, local catalog, demo",
+    )
+    dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (127.0.0.1)")
+    dev.add_argument("--s3-port", type=int, default=9090, help="moto S3 API port (127.0.0.1)")
+    dev.add_argument("--no-demo", action="store_true", help="do not land demo workflow runs")
+    dev.set_defaults(func=cmd_dev)
+
+    land = commands.add_parser("land", help="upload a folder that mirrors the object store")
+    land.add_argument("dir", help="e.g. ../shared/fixtures/upstream_postgres_run")
+    land.set_defaults(func=cmd_land)
+
+    drain = commands.add_parser(
+        "drain", help="publish every ready batch in the foreground; non-zero if any failed"
+    )
+    drain.set_defaults(func=cmd_drain)
+
+    status = commands.add_parser("status", help="one row per batch")
+    status.add_argument("--json", action="store_true", help="PublishState list as JSON")
+    status.set_defaults(func=cmd_status)
+
+    catalog = commands.add_parser("catalog", help="the configured metastore")
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
+    dump = catalog_commands.add_parser("dump", help="active entities as JSON lines")
+    dump.add_argument("--source", help="connection qualified name")
+    dump.set_defaults(func=cmd_catalog_dump)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

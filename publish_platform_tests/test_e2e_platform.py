@@ -1,0 +1,254 @@
+"""End to end, with real parts: moto server, dagster-daemon, dagster-webserver (GraphQL), catalog.
+
+The fixture run lands and is published by the daemon's sensor; a changed run of the same source
+follows (added, changed, removed entities; volatile attributes changed everywhere) and the
+catalog must equal it, with only the real changes written; a volatile-only run writes nothing;
+then a republish through the webserver's GraphQL API must neither duplicate nor lose anything.
+Once with Dagster on SQLite (the embedded default), once on Postgres as dagster.yaml documents.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus
+
+from publish_platform.config import DEFAULT_VOLATILE_ATTRIBUTES
+from publish_platform.demo import (
+    changed_run,
+    fixture_root,
+    fixture_run_folder,
+    partition_key_of,
+    read_run_entities,
+    write_run,
+)
+from publish_platform.local_s3 import LOCAL_CREDENTIALS, ensure_bucket, free_port, s3_client
+from publish_platform.metastores.sql import SqlCatalog
+from publish_platform.publish_state import PublishStatus, derive_states
+from publish_platform.runtime import start_dagster, write_instance_yaml
+
+pytestmark = pytest.mark.slow
+
+SETTLED = {
+    PublishStatus.COMPLETE,
+    PublishStatus.FAILED,
+    PublishStatus.HELD,
+    PublishStatus.QUARANTINED,
+    PublishStatus.SKIPPED,
+}
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "publish_platform.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+
+
+def _wait_for(instance: DagsterInstance, landing: str, key: str, timeout: float = 240) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if key in instance.get_dynamic_partitions("workflow_runs"):
+            state = derive_states(instance, landing, [key])[0]
+            if state.status in SETTLED:
+                return state
+        time.sleep(1)
+    raise AssertionError(f"{key} did not settle within {timeout}s")
+
+
+def _strip_volatile(entity: dict) -> dict:
+    attributes = {
+        k: v for k, v in entity["attributes"].items() if k not in DEFAULT_VOLATILE_ATTRIBUTES
+    }
+    return {**{k: v for k, v in entity.items() if k != "guid"}, "attributes": attributes}
+
+
+def _identity(entity: dict) -> tuple[str, str]:
+    return entity["typeName"], entity["attributes"]["qualifiedName"]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def platform(request, tmp_path: Path, moto_endpoint: str):
+    """A running platform: its env, Dagster instance, catalog and webserver URL."""
+    storage = request.param
+    suffix = uuid.uuid4().hex[:8]
+    home = tmp_path / "home"
+    dagster_home = home / "dagster"
+    env = {
+        **LOCAL_CREDENTIALS,
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "DAGSTER_HOME": str(dagster_home),
+        "PUBLISH_PLATFORM_HOME": str(home),
+        "PUBLISH_PLATFORM_LANDING": f"s3://land-{suffix}/runs/",
+        "PUBLISH_PLATFORM_STATE": f"s3://state-{suffix}/publish/",
+        "PUBLISH_PLATFORM_SETTLE_SECONDS": "1",
+        "PUBLISH_PLATFORM_SENSOR_INTERVAL_SECONDS": "1",
+    }
+    if storage == "postgres":
+        make_database = request.getfixturevalue("make_postgres_database")
+        env["DAGSTER_POSTGRES_URL"] = make_database(f"dagster_{suffix}")
+        env["PUBLISH_PLATFORM_METASTORE"] = make_database(f"catalog_{suffix}")
+    else:
+        env["PUBLISH_PLATFORM_METASTORE"] = f"sqlite:///{home / 'catalog.sqlite'}"
+    write_instance_yaml(dagster_home, storage=storage)
+    s3 = s3_client(moto_endpoint)
+    ensure_bucket(s3, f"land-{suffix}")
+    ensure_bucket(s3, f"state-{suffix}")
+
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    processes = start_dagster(env, free_port(), tmp_path / "logs")
+    instance = DagsterInstance.from_config(str(dagster_home))
+    catalog = SqlCatalog(env["PUBLISH_PLATFORM_METASTORE"])
+    try:
+        yield env, instance, catalog, processes.url
+    finally:
+        catalog.close()
+        instance.dispose()
+        processes.stop()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_publish_change_and_republish(platform, tmp_path: Path) -> None:
+    env, instance, catalog, url = platform
+    landing = env["PUBLISH_PLATFORM_LANDING"]
+
+    # 1. The real SDK run lands (no manifest: marker-less readiness) and is published.
+    _cli(env, "land", str(fixture_root()))
+    first_key = partition_key_of(fixture_run_folder())
+    first = _wait_for(instance, landing, first_key)
+    assert first.status == PublishStatus.COMPLETE, first.failure_details
+    first_entities = [e for rows in read_run_entities(fixture_run_folder()).values() for e in rows]
+    assert first.metrics.creates == len(first_entities) == first.metrics.published
+    source = first.source_id
+    versions_after_first = catalog.versions(source)
+    assert set(versions_after_first.values()) == {1}
+
+    # 2. A changed run of the same source: the catalog must equal it, only changes written.
+    second = changed_run(tmp_path / "second")
+    _cli(env, "land", str(second.root))
+    state = _wait_for(instance, landing, second.partition_key)
+    assert state.status == PublishStatus.COMPLETE, state.failure_details
+    expected = {_identity(e): e for e in second.entities}
+    dumped = [
+        orjson.loads(line)
+        for line in _cli(env, "catalog", "dump", "--source", source).stdout.splitlines()
+    ]
+    assert len(dumped) == len(expected)
+    assert {_identity(e): _strip_volatile(e) for e in dumped} == {
+        k: _strip_volatile(e) for k, e in expected.items()
+    }
+    first_by_id = {_identity(e): _strip_volatile(e) for e in first_entities}
+    added = set(expected) - set(first_by_id)
+    removed = set(first_by_id) - set(expected)
+    changed = {
+        k
+        for k in set(expected) & set(first_by_id)
+        if _strip_volatile(expected[k]) != first_by_id[k]
+    }
+    assert added and removed and changed
+    assert (state.metrics.creates, state.metrics.updates, state.metrics.deletes) == (
+        len(added),
+        len(changed),
+        len(removed),
+    )
+    assert state.metrics.unchanged == len(expected) - len(added) - len(changed)
+    versions = catalog.versions(source)
+    for identity, version in versions.items():
+        if identity in changed or identity in removed:
+            assert version == 2, identity
+        else:
+            assert version == 1, identity  # unchanged entities were not rewritten
+
+    # 3. Only volatile attributes changed: an empty plan and zero writes.
+    volatile_only = write_run(
+        tmp_path / "third",
+        second.partition_key.split("/")[0],
+        second.partition_key.split("/")[1],
+        str(uuid.uuid4()),
+        {
+            "all": [
+                {
+                    **e,
+                    "attributes": {
+                        **e["attributes"],
+                        "lastSyncRun": "x",
+                        "lastSyncRunAt": int(time.time() * 1000),
+                    },
+                }
+                for e in second.entities
+            ]
+        },
+    )
+    _cli(env, "land", str(volatile_only.root))
+    third = _wait_for(instance, landing, volatile_only.partition_key)
+    assert third.status == PublishStatus.COMPLETE, third.failure_details
+    assert third.metrics.unchanged == len(expected)
+    assert (third.metrics.creates, third.metrics.updates, third.metrics.deletes) == (0, 0, 0)
+    assert third.metrics.requests == 0
+    assert catalog.versions(source) == versions
+
+    # 4. Republish the second batch through the webserver's GraphQL API, forcing every entity.
+    from dagster_graphql import DagsterGraphQLClient
+
+    guids_before = {_identity(e): e["guid"] for e in catalog.dump(source)}
+    host, port = url.removeprefix("http://").split(":")
+    client = DagsterGraphQLClient(host, port_number=int(port))
+    run_id = client.submit_job_execution(
+        "publish_batch",
+        run_config={"ops": {"diff": {"config": {"force": True}}}},
+        tags={"dagster/partition": second.partition_key},
+    )
+    deadline = time.monotonic() + 240
+    while client.get_run_status(run_id) not in (
+        DagsterRunStatus.SUCCESS,
+        DagsterRunStatus.FAILURE,
+        DagsterRunStatus.CANCELED,
+    ):
+        assert time.monotonic() < deadline, "republish did not finish"
+        time.sleep(1)
+    assert client.get_run_status(run_id) == DagsterRunStatus.SUCCESS
+    republished = derive_states(instance, landing, [second.partition_key])[0]
+    assert republished.dagster_run_id == run_id
+    assert republished.status == PublishStatus.COMPLETE
+    assert republished.metrics.updates == len(expected)
+    after = list(catalog.dump(source))
+    assert len(after) == len(expected)  # nothing duplicated, nothing lost
+    assert {_identity(e): e["guid"] for e in after} == guids_before
+    assert {_identity(e): _strip_volatile(e) for e in after} == {
+        k: _strip_volatile(e) for k, e in expected.items()
+    }
+    assert all(catalog.versions(source)[k] == versions[k] + 1 for k in expected)
+
+    # The status command shows every batch, as the seed's PublishState plus the partition key.
+    listed = orjson.loads(_cli(env, "status", "--json").stdout)
+    assert {row["partition_key"] for row in listed} == {
+        first_key,
+        second.partition_key,
+        volatile_only.partition_key,
+    }
+    assert all(row["status"] == "COMPLETE" for row in listed)
+    assert {
+        "batch_id",
+        "source_id",
+        "workflow_run_id",
+        "s3_path",
+        "status",
+        "metrics",
+        "failure_details",
+    } <= set(listed[0])
