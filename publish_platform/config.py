@@ -111,6 +111,15 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.home / 'catalog.sqlite').resolve()}"
 
     @property
+    def metastore_display(self) -> str:
+        """The metastore URL with any password masked: safe for logs and the UI."""
+        if self.metastore_kind == "atlan":
+            return "atlan"
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.metastore_url).render_as_string(hide_password=True)
+
+    @property
     def metastore_kind(self) -> Literal["sql", "atlan"]:
         return "atlan" if self.metastore_url == "atlan" else "sql"
 

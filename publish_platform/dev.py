@@ -66,7 +66,7 @@ def run_dev(webserver_port: int, s3_port: int, demo: bool = True) -> int:
             print(f"S3 API (moto)   {env['AWS_ENDPOINT_URL']}")
             print(f"landing         {settings.landing_location}")
             print(f"state           {settings.state_location}")
-            print(f"catalog         {settings.metastore_url}")
+            print(f"catalog         {settings.metastore_display}")
             print(f"DAGSTER_HOME    {dagster_home}")
             dagster = start_dagster(env, webserver_port, log_dir)
             print(f"Dagster UI      {dagster.url}   (logs in {log_dir}; Ctrl-C stops)")

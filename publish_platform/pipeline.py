@@ -31,7 +31,7 @@ from publish_platform.plan import (
     check_scope,
 )
 from publish_platform.publish import Progress, execute_plan, next_snapshot
-from publish_platform.state import Pointer, StaleStateError, StateStore
+from publish_platform.state import Pointer, StaleStateError, StateStore, empty_snapshot
 
 Outcome = Literal["diffed", "quarantined", "skipped"]
 ISSUE_PREVIEW = 20
@@ -195,11 +195,13 @@ def run_plan(
         snapshot_entities=0,
         deletions_withheld=summary.deletions_withheld,
     )
+    # A batch that was not diffed (quarantined, skipped) gets an empty plan, checked all the same.
     snapshot = (
-        state.read_snapshot(source, summary.base_serial) if summary.outcome == "diffed" else None
+        state.read_snapshot(source, summary.base_serial)
+        if summary.outcome == "diffed"
+        else empty_snapshot()
     )
-    if snapshot is not None:
-        diff.snapshot_entities = snapshot.height
+    diff.snapshot_entities = snapshot.height
     plan = build_plan(
         diff,
         partition_key,
@@ -212,14 +214,12 @@ def run_plan(
     state.put_bytes(
         state.batch_key(partition_key, "plan.json"), plan.header.model_dump_json(indent=2).encode()
     )
-    checks: list[CheckOutcome] = []
-    if snapshot is not None:
-        checks = [
-            check_scope(plan),
-            check_deletion_safety(plan, settings.deletion_threshold),
-            check_references(plan, snapshot),
-            check_required_attributes(plan),
-        ]
+    checks = [
+        check_scope(plan),
+        check_deletion_safety(plan, settings.deletion_threshold),
+        check_references(plan, snapshot),
+        check_required_attributes(plan),
+    ]
     return summary, plan, checks
 
 

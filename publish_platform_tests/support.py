@@ -18,7 +18,6 @@ def _fixtures_dir() -> Path:
     candidates = [
         os.environ.get("PUBLISH_PLATFORM_FIXTURES", ""),
         str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"),
-        "/work/shared/fixtures",
     ]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
