@@ -8,6 +8,7 @@ then (once that is published) a changed run of the same source.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -52,6 +53,11 @@ def run_dev(webserver_port: int, s3_port: int, demo: bool = True) -> int:
     }
     os.environ.update(env)
     settings = load_settings()
+    # moto keeps S3 in memory, so the state store starts empty: start the catalog and the
+    # Dagster instance afresh too, or they would describe batches the state store never saw.
+    if settings.metastore_kind == "sql" and not settings.metastore:
+        Path(settings.metastore_url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+    shutil.rmtree(dagster_home, ignore_errors=True)
     write_instance_yaml(dagster_home, storage="sqlite")
 
     log_dir = home / "logs"
