@@ -57,7 +57,8 @@ def run_dev(webserver_port: int, s3_port: int, demo: bool = True) -> int:
     # Dagster instance afresh too, or they would describe batches the state store never saw.
     if settings.metastore_kind == "sql" and not settings.metastore:
         Path(settings.metastore_url.removeprefix("sqlite:///")).unlink(missing_ok=True)
-    shutil.rmtree(dagster_home, ignore_errors=True)
+    if dagster_home.is_relative_to(home):  # never a DAGSTER_HOME the user pointed elsewhere
+        shutil.rmtree(dagster_home, ignore_errors=True)
     write_instance_yaml(dagster_home, storage="sqlite")
 
     log_dir = home / "logs"
