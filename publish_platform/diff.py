@@ -14,7 +14,7 @@ from typing import Literal
 
 import polars as pl
 
-from publish_platform.entities import EntityIssue, ParsedEntities
+from publish_platform.entities import REFERENCES, EntityIssue, ParsedEntities
 
 Mode = Literal["full", "incremental"]
 
@@ -40,9 +40,7 @@ DIFF_SCHEMA = {
     "hash": pl.String,
     "guid": pl.String,
     "entity": pl.String,
-    "references": pl.List(
-        pl.Struct({"attribute": pl.String, "type_name": pl.String, "qualified_name": pl.String})
-    ),
+    "references": REFERENCES,
 }
 
 IDENTITY = ["type_name", "qualified_name"]

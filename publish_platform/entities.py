@@ -17,15 +17,18 @@ import polars as pl
 
 MAX_LINE_BYTES = 10 * 1024 * 1024
 
+# Reference attributes of an entity: which attribute points at which (typeName, qualifiedName).
+REFERENCES = pl.List(
+    pl.Struct({"attribute": pl.String, "type_name": pl.String, "qualified_name": pl.String})
+)
+
 ENTITY_SCHEMA = {
     "type_name": pl.String,
     "qualified_name": pl.String,
     "connection_qualified_name": pl.String,
     "hash": pl.String,
     "entity": pl.String,
-    "references": pl.List(
-        pl.Struct({"attribute": pl.String, "type_name": pl.String, "qualified_name": pl.String})
-    ),
+    "references": REFERENCES,
     "source_file": pl.String,
     "line": pl.Int64,
 }

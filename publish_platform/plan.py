@@ -16,21 +16,9 @@ import orjson
 import polars as pl
 from pydantic import BaseModel, Field
 
-from publish_platform.diff import IDENTITY, TYPE_RANK, DiffResult, Mode
+from publish_platform.diff import DIFF_SCHEMA, IDENTITY, TYPE_RANK, DiffResult, Mode
 
-PLAN_SCHEMA = {
-    "seq": pl.Int64,
-    "op": pl.String,
-    "type_name": pl.String,
-    "qualified_name": pl.String,
-    "hash": pl.String,
-    "guid": pl.String,
-    "entity": pl.String,
-    "references": pl.List(
-        pl.Struct({"attribute": pl.String, "type_name": pl.String, "qualified_name": pl.String})
-    ),
-}
-OPERATIONS = ("create", "update", "delete")
+PLAN_SCHEMA = {"seq": pl.Int64, **DIFF_SCHEMA}
 REQUIRED_ATTRIBUTES = ("qualifiedName", "name", "connectionQualifiedName")
 
 

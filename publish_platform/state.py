@@ -24,7 +24,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
 from publish_platform.config import S3Location
-from publish_platform.entities import ENTITY_SCHEMA
+from publish_platform.entities import REFERENCES
 from publish_platform.landing import RunRef
 
 SNAPSHOT_SCHEMA = {
@@ -33,7 +33,7 @@ SNAPSHOT_SCHEMA = {
     "hash": pl.String,
     "guid": pl.String,
     "entity": pl.String,
-    "references": ENTITY_SCHEMA["references"],
+    "references": REFERENCES,
 }
 
 
