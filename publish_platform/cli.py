@@ -63,7 +63,6 @@ def cmd_drain(args: argparse.Namespace) -> int:
     """Discover every ready run and publish it here, in the foreground, through the same job."""
     from publish_platform.defs import defs
     from publish_platform.defs.partitions import workflow_runs
-    from publish_platform.defs.sensors import run_request_for
     from publish_platform.landing import discover
     from publish_platform.local_s3 import s3_client
     from publish_platform.publish_state import TERMINAL_NOT_OK, derive_states
@@ -83,12 +82,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
     instance.add_dynamic_partitions(workflow_runs.name, keys)
     job = defs.resolve_job_def("publish_batch")
     for number, listing in enumerate(found.ready, start=1):
-        request = run_request_for(listing)
         key = listing.run.partition_key
         print(f"[{number}/{len(keys)}] {key} …", flush=True)
-        job.execute_in_process(
-            partition_key=key, instance=instance, tags=request.tags, raise_on_error=False
-        )
+        job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
         state = derive_states(instance, settings.landing, [key])[0]
         print(f"[{number}/{len(keys)}] {key}: {state.status} {_counts(state)}", flush=True)
     states = derive_states(instance, settings.landing, keys)
@@ -138,6 +134,85 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
     return 0
+
+
+# --- approve, republish, rollback ----------------------------------------------------------
+
+
+def _run_and_report(args: argparse.Namespace, instance: Any, run_id: str) -> int:
+    from publish_platform.launch import wait
+
+    if not args.in_process and args.no_wait:
+        print(f"queued run {run_id}")
+        return 0
+    status = wait(instance, run_id)
+    print(f"run {run_id}: {status}")
+    return 0 if status == "SUCCESS" else 1
+
+
+def _launch_batch(args: argparse.Namespace, run_config: dict, tags: dict[str, str]) -> int:
+    from publish_platform.launch import launch
+    from publish_platform.publish_state import derive_states
+
+    settings = load_settings()
+    instance = _instance(settings)
+    if args.partition not in instance.get_dynamic_partitions("workflow_runs"):
+        print(f"unknown partition {args.partition}", file=sys.stderr)
+        return 2
+    run_id = launch(
+        instance, "publish_batch", run_config, tags, args.partition, in_process=args.in_process
+    )
+    code = _run_and_report(args, instance, run_id)
+    if args.in_process or not args.no_wait:
+        state = derive_states(instance, settings.landing, [args.partition])[0]
+        print(f"{args.partition}: {state.status} {_counts(state)}")
+    return code
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Re-run a held batch with the operator's approval, recorded in the plan and the run."""
+    run_config = {
+        "ops": {
+            "plan": {
+                "config": {
+                    "approve_deletions": True,
+                    "approved_by": args.by,
+                    "reason": args.reason,
+                }
+            }
+        }
+    }
+    return _launch_batch(args, run_config, {"publish_platform/approved_by": args.by})
+
+
+def cmd_republish(args: argparse.Namespace) -> int:
+    run_config = {"ops": {"diff": {"config": {"force": args.force}}}}
+    return _launch_batch(args, run_config, {"publish_platform/republish": "cli"})
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from publish_platform.defs.operations import ROLLBACK_JOB
+    from publish_platform.launch import launch
+    from publish_platform.ordering import PRIORITY_TAG, SOURCE_TAG
+
+    settings = load_settings()
+    instance = _instance(settings)
+    run_config = {
+        "ops": {
+            "rollback_to_snapshot": {
+                "config": {
+                    "source": args.source,
+                    "to_serial": args.to,
+                    "approved_by": args.approve_by or "",
+                    "reason": args.reason,
+                }
+            }
+        }
+    }
+    # Same source tag as its batches: the queue never runs a rollback beside a publish of it.
+    tags = {SOURCE_TAG: args.source, PRIORITY_TAG: "100"}
+    run_id = launch(instance, ROLLBACK_JOB, run_config, tags, in_process=args.in_process)
+    return _run_and_report(args, instance, run_id)
 
 
 # --- catalog ---------------------------------------------------------------------------------
@@ -190,6 +265,43 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="one row per batch")
     status.add_argument("--json", action="store_true", help="PublishState list as JSON")
     status.set_defaults(func=cmd_status)
+
+    def launch_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--in-process",
+            action="store_true",
+            help="execute here in the foreground instead of through the daemon's run queue",
+        )
+        command.add_argument(
+            "--no-wait", action="store_true", help="return once queued, without waiting"
+        )
+
+    approve = commands.add_parser(
+        "approve", help="publish a batch held by the deletion-safety check, recording who approved"
+    )
+    approve.add_argument("partition")
+    approve.add_argument("--by", required=True, help="who approves")
+    approve.add_argument("--reason", default="", help="why")
+    launch_options(approve)
+    approve.set_defaults(func=cmd_approve)
+
+    republish = commands.add_parser("republish", help="re-materialize a batch's partition")
+    republish.add_argument("partition")
+    republish.add_argument(
+        "--force", action="store_true", help="re-send every entity even if unchanged"
+    )
+    launch_options(republish)
+    republish.set_defaults(func=cmd_republish)
+
+    rollback = commands.add_parser(
+        "rollback", help="republish an older snapshot of a source through the plan checks"
+    )
+    rollback.add_argument("source", help="connection qualified name")
+    rollback.add_argument("--to", type=int, required=True, help="snapshot serial to restore")
+    rollback.add_argument("--approve-by", help="approve deletions beyond the threshold")
+    rollback.add_argument("--reason", default="")
+    launch_options(rollback)
+    rollback.set_defaults(func=cmd_rollback)
 
     catalog = commands.add_parser("catalog", help="the configured metastore")
     catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         le=1,
         description="Largest share of a source's entities one batch may delete without approval.",
     )
+    deletion_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-source overrides of deletion_threshold, JSON: {"<connection>": 0.8}.',
+    )
+    source_importance: dict[str, int] = Field(
+        default_factory=dict,
+        description='Per-source importance (-50..50) for run priority, JSON: {"<connection>": 20}.',
+    )
     chunk_size: int = Field(default=500, ge=1, description="Entities per metastore request.")
     sensor_interval_seconds: int = Field(default=15, ge=1)
     purge_deletes: bool = Field(default=False, description="Purge instead of archive on delete.")
@@ -95,6 +103,9 @@ class Settings(BaseSettings):
     def _valid_s3_url(cls, value: str) -> str:
         S3Location.parse(value)
         return value
+
+    def deletion_threshold_for(self, source: str) -> float:
+        return self.deletion_thresholds.get(source, self.deletion_threshold)
 
     @cached_property
     def landing_location(self) -> S3Location:

@@ -229,7 +229,14 @@ def utcnow() -> datetime:
 class BatchProblem:
     """Something that makes a whole batch unpublishable (quarantine) or not to be published."""
 
-    kind: Literal["rejected_manifest", "checksum_mismatch", "count_mismatch", "no_data", "skipped"]
+    kind: Literal[
+        "rejected_manifest",
+        "checksum_mismatch",
+        "count_mismatch",
+        "no_data",
+        "skipped",
+        "superseded",
+    ]
     message: str
 
 

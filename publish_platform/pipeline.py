@@ -16,24 +16,30 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from publish_platform.config import Settings
-from publish_platform.diff import DIFF_SCHEMA, derive_source, diff_batch
+from publish_platform.diff import DIFF_SCHEMA, DiffResult, derive_source, diff_batch
 from publish_platform.entities import EntityIssue, parse_files
 from publish_platform.landing import BatchProblem, RunRef, read_batch
 from publish_platform.metastores.base import Metastore
 from publish_platform.plan import (
+    ISOLATED_SCHEMA,
+    Approval,
     CheckOutcome,
     Plan,
     PlanHeader,
+    blocking_failures,
     build_plan,
-    check_deletion_safety,
-    check_references,
-    check_required_attributes,
-    check_scope,
+    evaluate_checks,
 )
-from publish_platform.publish import Progress, execute_plan, next_snapshot
-from publish_platform.state import Pointer, StaleStateError, StateStore, empty_snapshot
+from publish_platform.publish import RESULT_SCHEMA, Progress, execute_plan, next_snapshot
+from publish_platform.state import (
+    ChunkCheckpoint,
+    Pointer,
+    StaleStateError,
+    StateStore,
+    empty_snapshot,
+)
 
-Outcome = Literal["diffed", "quarantined", "skipped"]
+Outcome = Literal["diffed", "quarantined", "skipped", "superseded"]
 ISSUE_PREVIEW = 20
 
 
@@ -67,8 +73,10 @@ class PublishSummary(BaseModel):
     """What the publish step did."""
 
     partition_key: str
-    outcome: Literal["published", "nothing_to_publish", "not_publishable"]
+    outcome: Literal["published", "nothing_to_publish", "not_publishable", "superseded"]
     source: str | None = None
+    replanned: bool = False
+    resumed: int = 0
     serial: int | None = None
     snapshot_key: str | None = None
     operations: int = 0
@@ -127,8 +135,20 @@ def run_diff(
                 else batch.landed_at
             )
 
+    if not problems and summary.source is not None:
+        superseded = supersession(state, summary.source, summary.source_timestamp)
+        if superseded is not None:
+            problems.append(BatchProblem("superseded", superseded))
+
     if problems:
-        summary.outcome = "skipped" if all(p.kind == "skipped" for p in problems) else "quarantined"
+        kinds = {p.kind for p in problems}
+        summary.outcome = (
+            "superseded"
+            if kinds == {"superseded"}
+            else "skipped"
+            if kinds == {"skipped"}
+            else "quarantined"
+        )
         summary.problems = [{"kind": p.kind, "message": p.message} for p in problems]
         _write_diff(state, summary, pl.DataFrame(schema=DIFF_SCHEMA), [])
         summary.duration_s = time.perf_counter() - started
@@ -138,6 +158,15 @@ def run_diff(
     base_serial = state.current_serial(summary.source)
     snapshot = state.read_snapshot(summary.source, base_serial)
     diff = diff_batch(parsed, snapshot, summary.source, summary.mode, force=force)
+    record_diff(state, summary, diff, base_serial)
+    summary.duration_s = time.perf_counter() - started
+    return summary
+
+
+def record_diff(
+    state: StateStore, summary: DiffSummary, diff: DiffResult, base_serial: int
+) -> None:
+    """Fill the summary from a computed diff and store both (diff.json, diff.parquet, issues)."""
     summary.base_serial = base_serial
     summary.lines = diff.lines
     summary.valid_entities = diff.valid_entities
@@ -150,8 +179,25 @@ def run_diff(
     summary.issues_preview = [i.as_dict() for i in diff.issues[:ISSUE_PREVIEW]]
     summary.deletions_withheld = diff.deletions_withheld
     _write_diff(state, summary, diff.changes, diff.issues)
-    summary.duration_s = time.perf_counter() - started
-    return summary
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def supersession(state: StateStore, source: str, source_timestamp: datetime | None) -> str | None:
+    """Why a batch is superseded: its data is older than what is published for its source."""
+    found = state.read_pointer(source)
+    if found is None or source_timestamp is None or found[0].source_timestamp is None:
+        return None
+    published = found[0]
+    if _utc(source_timestamp) < _utc(published.source_timestamp):
+        return (
+            f"source timestamp {_utc(source_timestamp).isoformat()} is older than"
+            f" {_utc(published.source_timestamp).isoformat()}, already published for {source}"
+            f" (serial {published.serial}, batch {published.partition_key})"
+        )
+    return None
 
 
 def _write_diff(
@@ -179,48 +225,67 @@ def read_diff(state: StateStore, partition_key: str) -> tuple[DiffSummary, pl.Da
 
 
 def run_plan(
-    state: StateStore, settings: Settings, partition_key: str
+    state: StateStore,
+    settings: Settings,
+    partition_key: str,
+    metastore: Metastore | None = None,
+    approval: Approval | None = None,
 ) -> tuple[DiffSummary, Plan, list[CheckOutcome]]:
-    """Order the diff into a plan, store it, and evaluate the plan checks."""
-    from publish_platform.diff import DiffResult
+    """Order the diff into a plan, store it, and evaluate the plan checks.
 
+    ``metastore`` resolves references to entities outside batch and snapshot; ``approval`` is an
+    operator's go-ahead for a batch that the deletion-safety check would hold.
+    """
     summary, changes = read_diff(state, partition_key)
     source = summary.source or ""
+    # A batch that was not diffed (quarantined, skipped, superseded) gets an empty plan, checked
+    # all the same.
+    snapshot = (
+        state.read_snapshot(source, summary.base_serial)
+        if summary.outcome == "diffed"
+        else empty_snapshot()
+    )
     diff = DiffResult(
         source=source,
         mode=summary.mode,
         changes=changes,
         lines=summary.lines,
         valid_entities=summary.valid_entities,
-        snapshot_entities=0,
+        snapshot_entities=snapshot.height,
         deletions_withheld=summary.deletions_withheld,
     )
-    # A batch that was not diffed (quarantined, skipped) gets an empty plan, checked all the same.
-    snapshot = (
-        state.read_snapshot(source, summary.base_serial)
-        if summary.outcome == "diffed"
-        else empty_snapshot()
-    )
-    diff.snapshot_entities = snapshot.height
+    diff_isolated = summary.isolated
     plan = build_plan(
         diff,
         partition_key,
         base_serial=summary.base_serial,
         source_timestamp=summary.source_timestamp,
         forced=summary.forced,
+        snapshot=snapshot,
+        exists=metastore.existing if metastore is not None else None,
     )
-    plan.header.isolated = summary.isolated
-    state.put_frame(state.batch_key(partition_key, "plan.parquet"), plan.operations)
-    state.put_bytes(
-        state.batch_key(partition_key, "plan.json"), plan.header.model_dump_json(indent=2).encode()
-    )
-    checks = [
-        check_scope(plan),
-        check_deletion_safety(plan, settings.deletion_threshold),
-        check_references(plan, snapshot),
-        check_required_attributes(plan),
-    ]
+    plan.header.isolated += diff_isolated
+    threshold = settings.deletion_threshold_for(source)
+    plan.header.deletion_threshold = threshold
+    checks = evaluate_checks(plan, snapshot, threshold, approval)
+    if approval is not None and any(
+        c.name == "deletion_safety" and "approved_by" in c.metadata for c in checks
+    ):
+        plan.header.approval = approval
+    write_plan(state, plan)
     return summary, plan, checks
+
+
+def write_plan(state: StateStore, plan: Plan) -> None:
+    key = plan.header.partition_key
+    state.put_frame(state.batch_key(key, "plan.parquet"), plan.operations)
+    state.put_bytes(
+        state.batch_key(key, "plan-isolated.jsonl"),
+        b"".join(orjson.dumps(row) + b"\n" for row in plan.isolated.iter_rows(named=True)),
+    )
+    state.put_bytes(
+        state.batch_key(key, "plan.json"), plan.header.model_dump_json(indent=2).encode()
+    )
 
 
 def read_plan(state: StateStore, partition_key: str) -> Plan:
@@ -228,12 +293,22 @@ def read_plan(state: StateStore, partition_key: str) -> Plan:
     if found is None:
         raise FileNotFoundError(f"no plan stored for {partition_key}: materialize plan first")
     header = PlanHeader.model_validate_json(found[0])
-    return Plan(
-        header=header, operations=state.get_frame(state.batch_key(partition_key, "plan.parquet"))
-    )
+    operations = state.get_frame(state.batch_key(partition_key, "plan.parquet"))
+    isolated_raw = state.get_bytes(state.batch_key(partition_key, "plan-isolated.jsonl"))
+    rows = [orjson.loads(line) for line in (isolated_raw[0] if isolated_raw else b"").splitlines()]
+    isolated = pl.DataFrame(rows, schema=ISOLATED_SCHEMA)
+    return Plan(header=header, operations=operations, isolated=isolated)
 
 
 # --- publish ---------------------------------------------------------------------------------
+
+
+class StalePlanError(StaleStateError):
+    """The plan was computed against a serial that is no longer current: re-plan."""
+
+
+class PlanHeldError(RuntimeError):
+    """A re-computed plan failed a blocking check: the batch waits for an operator."""
 
 
 def run_publish(
@@ -243,23 +318,34 @@ def run_publish(
     partition_key: str,
     progress: Progress | None = None,
 ) -> PublishSummary:
-    """Apply the stored plan, then write the next snapshot and advance the pointer (CAS)."""
+    """Apply the stored plan, then write the next snapshot and advance the pointer (CAS).
+
+    Progress is checkpointed per chunk, so a publish that died (even by kill -9) resumes where
+    it stopped when run again; upserts and deletes are idempotent by identity, so a chunk that
+    was applied but not yet checkpointed is harmlessly applied twice.
+    """
     started = time.perf_counter()
     summary, _ = read_diff(state, partition_key)
     result = PublishSummary(
         partition_key=partition_key, outcome="not_publishable", source=summary.source
     )
     if summary.outcome != "diffed":
+        result.outcome = "superseded" if summary.outcome == "superseded" else "not_publishable"
         result.duration_s = time.perf_counter() - started
         return result
     plan = read_plan(state, partition_key)
     source = plan.header.source
     current = state.current_serial(source)
     if current != plan.header.base_serial:
-        raise StaleStateError(
+        raise StalePlanError(
             f"plan for {partition_key} was computed against serial {plan.header.base_serial} of"
-            f" {source}, which is now at {current}: re-plan (re-materialize diff and plan)"
+            f" {source}, which is now at {current}: re-plan"
         )
+    superseded = supersession(state, source, plan.header.source_timestamp)
+    if superseded is not None:
+        result.outcome = "superseded"
+        result.duration_s = time.perf_counter() - started
+        return result
     result.operations = plan.operations.height
     result.serial = current
     if plan.operations.height == 0:
@@ -267,13 +353,19 @@ def run_publish(
         result.duration_s = time.perf_counter() - started
         return result
 
+    checkpoint = ChunkCheckpoint(state, partition_key, plan.header.plan_id, RESULT_SCHEMA)
     outcome = execute_plan(
-        plan.operations, metastore, settings.chunk_size, settings.purge_deletes, progress
+        plan.operations,
+        metastore,
+        settings.chunk_size,
+        settings.purge_deletes,
+        progress,
+        checkpoint,
     )
     base = state.read_snapshot(source, current)
     snapshot = next_snapshot(base, plan.operations, outcome.results)
     serial = current + 1
-    snapshot_key = state.write_snapshot(source, serial, snapshot)
+    snapshot_key = state.write_snapshot(source, serial, snapshot, plan.header.plan_id)
     state.advance_pointer(
         Pointer(
             source=source,
@@ -286,6 +378,7 @@ def run_publish(
         ),
         expected_serial=current,
     )
+    failed = outcome.results.filter(~pl.col("ok")).join(plan.operations, on="seq")
     result.outcome = "published"
     result.serial = serial
     result.snapshot_key = state.url(snapshot_key)
@@ -293,7 +386,38 @@ def run_publish(
     result.failed = outcome.failed
     result.requests = outcome.requests
     result.split_chunks = outcome.split_chunks
+    result.resumed = outcome.resumed
     result.snapshot_entities = snapshot.height
-    result.failures_preview = outcome.errors[:ISSUE_PREVIEW]
+    result.failures_preview = (
+        failed.select("type_name", "qualified_name", "error").head(ISSUE_PREVIEW).to_dicts()
+    )
     result.duration_s = time.perf_counter() - started
     return result
+
+
+def publish_with_replan(
+    s3: Any,
+    state: StateStore,
+    settings: Settings,
+    metastore: Metastore,
+    partition_key: str,
+    progress: Progress | None = None,
+    approval: Approval | None = None,
+) -> PublishSummary:
+    """Publish; a plan gone stale (its source moved on) is refused, re-planned and re-checked."""
+    try:
+        return run_publish(state, settings, metastore, partition_key, progress)
+    except StalePlanError:
+        previous = read_diff(state, partition_key)[0]
+        approval = approval or read_plan(state, partition_key).header.approval
+        run_diff(s3, state, settings, partition_key, force=previous.forced)
+        _, _, checks = run_plan(state, settings, partition_key, metastore, approval)
+        held = blocking_failures(checks)
+        if held:
+            raise PlanHeldError(
+                "re-planned against the current snapshot, the plan fails blocking checks: "
+                + "; ".join(c.description for c in held)
+            ) from None
+        result = run_publish(state, settings, metastore, partition_key, progress)
+        result.replanned = True
+        return result

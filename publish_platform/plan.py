@@ -2,17 +2,23 @@
 
 Order: creates and updates parents first (Connection → Database → Schema → Table… → Column),
 then deletes children first. The plan pins the snapshot serial it was computed against, so it can
-only ever be applied on top of that state. Checks are pure functions of the stored plan: the
-Dagster asset checks only report what they return.
+only ever be applied on top of that state.
+
+Plan rules isolate what cannot be published — an entity without a required attribute, or with a
+reference to an entity that exists neither in the batch, nor in the snapshot, nor in the
+metastore (and, by cascade, whatever references an isolated new entity) — and derive the
+relationship edges the plan adds, removes and re-points. Checks are pure functions of the plan:
+the Dagster asset checks only report what they return.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import polars as pl
 from pydantic import BaseModel, Field
 
@@ -20,6 +26,26 @@ from publish_platform.diff import DIFF_SCHEMA, IDENTITY, TYPE_RANK, DiffResult, 
 
 PLAN_SCHEMA = {"seq": pl.Int64, **DIFF_SCHEMA}
 REQUIRED_ATTRIBUTES = ("qualifiedName", "name", "connectionQualifiedName")
+EDGE = ["from_type", "from_qualified_name", "attribute"]
+EDGE_SCHEMA = {
+    "from_type": pl.String,
+    "from_qualified_name": pl.String,
+    "attribute": pl.String,
+    "type_name": pl.String,
+    "qualified_name": pl.String,
+}
+ISOLATED_SCHEMA = {**{k: pl.String for k in IDENTITY}, "reason": pl.String, "message": pl.String}
+
+# Looks up which (typeName, qualifiedName) identities the metastore already has.
+ExistsLookup = Callable[[list[tuple[str, str]]], set[tuple[str, str]]]
+
+
+class Approval(BaseModel):
+    """An operator's approval of a held batch, recorded with the plan and the run."""
+
+    approved_by: str = Field(min_length=1)
+    reason: str = ""
+    approved_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
 class PlanHeader(BaseModel):
@@ -29,6 +55,7 @@ class PlanHeader(BaseModel):
     source: str
     mode: Mode
     base_serial: int
+    plan_id: str = ""
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source_timestamp: datetime | None = None
     creates: int = 0
@@ -38,7 +65,13 @@ class PlanHeader(BaseModel):
     batch_entities: int = 0
     snapshot_entities: int = 0
     isolated: int = 0
+    isolated_by_plan: int = 0
+    relationships_added: int = 0
+    relationships_removed: int = 0
+    relationships_repointed: int = 0
     deletions_withheld: str | None = None
+    deletion_threshold: float | None = None
+    approval: Approval | None = None
     forced: bool = False
 
     @property
@@ -50,11 +83,14 @@ class PlanHeader(BaseModel):
 class Plan:
     header: PlanHeader
     operations: pl.DataFrame  # PLAN_SCHEMA, in execution order
-    batch_identities: pl.DataFrame = field(
-        default_factory=lambda: pl.DataFrame(
-            schema={"type_name": pl.String, "qualified_name": pl.String}
-        )
-    )
+    isolated: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ISOLATED_SCHEMA))
+    edges_added: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EDGE_SCHEMA))
+    edges_removed: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EDGE_SCHEMA))
+
+
+def attribute(name: str) -> pl.Expr:
+    """An attribute of the entity JSON, vectorized (null when absent or null)."""
+    return pl.col("entity").str.json_path_match(f"$.attributes.{name}")
 
 
 def build_plan(
@@ -63,35 +99,188 @@ def build_plan(
     base_serial: int,
     source_timestamp: datetime | None = None,
     forced: bool = False,
+    snapshot: pl.DataFrame | None = None,
+    exists: ExistsLookup | None = None,
 ) -> Plan:
-    rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
     changes = diff.changes
-    upserts = changes.filter(pl.col("op").is_in(["create", "update"])).sort(
-        [rank, pl.col("qualified_name")]
-    )
-    deletes = changes.filter(pl.col("op") == "delete").sort(
-        [rank, pl.col("qualified_name")], descending=[True, False]
-    )
-    ordered = pl.concat([upserts, deletes], how="vertical").with_row_index("seq")
+    snapshot = snapshot if snapshot is not None else pl.DataFrame(schema=DIFF_SCHEMA)
+    upserts = changes.filter(pl.col("op").is_in(["create", "update"]))
+    deletes = changes.filter(pl.col("op") == "delete")
+
+    upserts, isolated_required = _isolate_missing_required(upserts)
+    known = _known_identities(changes, snapshot, deletes, isolated_required)
+    upserts, isolated_dangling = _isolate_dangling(upserts, known, exists)
+    isolated = pl.concat([isolated_required, isolated_dangling], how="vertical")
+
+    rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
+    ordered = pl.concat(
+        [
+            upserts.sort([rank, pl.col("qualified_name")]),
+            deletes.sort([rank, pl.col("qualified_name")], descending=[True, False]),
+        ],
+        how="vertical",
+    ).with_row_index("seq")
     operations = ordered.with_columns(pl.col("seq").cast(pl.Int64)).select(list(PLAN_SCHEMA))
+    added, removed, repointed = _relationship_changes(operations, snapshot)
+
     header = PlanHeader(
         partition_key=partition_key,
         source=diff.source,
         mode=diff.mode,
         base_serial=base_serial,
+        plan_id=plan_id(base_serial, operations),
         source_timestamp=source_timestamp,
-        creates=diff.count("create"),
-        updates=diff.count("update"),
-        deletes=diff.count("delete"),
+        creates=operations.filter(pl.col("op") == "create").height,
+        updates=operations.filter(pl.col("op") == "update").height,
+        deletes=deletes.height,
         unchanged=diff.count("unchanged"),
         batch_entities=changes.filter(pl.col("op") != "delete").height,
         snapshot_entities=diff.snapshot_entities,
-        isolated=diff.isolated,
+        isolated=diff.isolated + isolated.height,
+        isolated_by_plan=isolated.height,
+        relationships_added=added.height,
+        relationships_removed=removed.height,
+        relationships_repointed=repointed,
         deletions_withheld=diff.deletions_withheld,
         forced=forced,
     )
-    batch_identities = changes.filter(pl.col("op") != "delete").select(IDENTITY)
-    return Plan(header=header, operations=operations, batch_identities=batch_identities)
+    return Plan(header, operations, isolated, added, removed)
+
+
+def plan_id(base_serial: int, operations: pl.DataFrame) -> str:
+    """Identifies a plan by content: the same batch on the same serial gives the same id, so a
+    re-run after a crash finds the checkpoints of the plan it is resuming."""
+    digest = hashlib.blake2b(str(base_serial).encode(), digest_size=12)
+    for column in ("op", "type_name", "qualified_name", "hash"):
+        digest.update(b"\0".join(v.encode() for v in operations.get_column(column).fill_null("")))
+        digest.update(b"\1")
+    return digest.hexdigest()
+
+
+def _isolated(frame: pl.DataFrame, reason: str, message: pl.Expr) -> pl.DataFrame:
+    return frame.select(*IDENTITY, reason=pl.lit(reason), message=message)
+
+
+def _isolate_missing_required(upserts: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    missing = pl.concat_list(
+        [
+            pl.when(attribute(name).is_null() | (attribute(name) == ""))
+            .then(pl.lit(name))
+            .otherwise(pl.lit(None, pl.String))
+            for name in REQUIRED_ATTRIBUTES
+        ]
+    ).list.drop_nulls()
+    marked = upserts.with_columns(missing=missing)
+    bad = marked.filter(pl.col("missing").list.len() > 0)
+    isolated = _isolated(
+        bad,
+        "missing_required_attribute",
+        pl.lit("missing required attribute(s): ") + pl.col("missing").list.join(", "),
+    )
+    return marked.filter(pl.col("missing").list.len() == 0).drop("missing"), isolated
+
+
+def _known_identities(
+    changes: pl.DataFrame,
+    snapshot: pl.DataFrame,
+    deletes: pl.DataFrame,
+    isolated: pl.DataFrame,
+) -> pl.DataFrame:
+    """Identities a reference may point at: the batch's and the snapshot's, less deletions and
+    new entities that are isolated (they will not exist)."""
+    new_isolated = isolated.join(
+        changes.filter(pl.col("op") == "create").select(IDENTITY), on=IDENTITY, how="semi"
+    )
+    return (
+        pl.concat(
+            [changes.filter(pl.col("op") != "delete").select(IDENTITY), snapshot.select(IDENTITY)],
+            how="vertical",
+        )
+        .unique()
+        .join(deletes.select(IDENTITY), on=IDENTITY, how="anti")
+        .join(new_isolated.select(IDENTITY), on=IDENTITY, how="anti")
+    )
+
+
+def _references(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per reference edge of the given entities (EDGE_SCHEMA)."""
+    return (
+        frame.select(
+            pl.col("type_name").alias("from_type"),
+            pl.col("qualified_name").alias("from_qualified_name"),
+            "references",
+        )
+        .explode("references")
+        .drop_nulls("references")
+        .unnest("references")
+        .select(list(EDGE_SCHEMA))
+    )
+
+
+def _isolate_dangling(
+    upserts: pl.DataFrame, known: pl.DataFrame, exists: ExistsLookup | None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Isolate entities whose references resolve nowhere, until nothing new dangles."""
+    refs = _references(upserts)
+    unresolved = refs.select(IDENTITY).unique().join(known, on=IDENTITY, how="anti")
+    if exists is not None and unresolved.height:
+        found = exists([tuple(r) for r in unresolved.rows()])
+        if found:
+            known = pl.concat(
+                [known, pl.DataFrame(sorted(found), schema=IDENTITY, orient="row")],
+                how="vertical",
+            )
+    creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
+    isolated_parts = []
+    while True:
+        dangling = refs.join(known, on=IDENTITY, how="anti")
+        if dangling.height == 0:
+            break
+        first = dangling.group_by("from_type", "from_qualified_name", maintain_order=True).first()
+        isolated_parts.append(
+            first.select(
+                pl.col("from_type").alias("type_name"),
+                pl.col("from_qualified_name").alias("qualified_name"),
+                reason=pl.lit("dangling_reference"),
+                message=pl.format(
+                    "{} references {} {}, which is in neither the batch, the snapshot nor the"
+                    " metastore",
+                    "attribute",
+                    "type_name",
+                    "qualified_name",
+                ),
+            )
+        )
+        gone = first.select(
+            pl.col("from_type").alias("type_name"),
+            pl.col("from_qualified_name").alias("qualified_name"),
+        )
+        refs = refs.join(
+            gone.rename({"type_name": "from_type", "qualified_name": "from_qualified_name"}),
+            on=["from_type", "from_qualified_name"],
+            how="anti",
+        )
+        # A new entity that is isolated will not exist: what references it dangles in turn.
+        known = known.join(gone.join(creates, on=IDENTITY, how="semi"), on=IDENTITY, how="anti")
+    isolated = (
+        pl.concat(isolated_parts, how="vertical")
+        if isolated_parts
+        else pl.DataFrame(schema=ISOLATED_SCHEMA)
+    )
+    return upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti"), isolated
+
+
+def _relationship_changes(
+    operations: pl.DataFrame, snapshot: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Edges added and removed by the plan, and how many (from, attribute) pairs re-point."""
+    touched = operations.select(IDENTITY)
+    old = _references(snapshot.join(touched, on=IDENTITY, how="semi"))
+    new = _references(operations.filter(pl.col("op") != "delete"))
+    added = new.join(old, on=list(EDGE_SCHEMA), how="anti")
+    removed = old.join(new, on=list(EDGE_SCHEMA), how="anti")
+    repointed = added.select(EDGE).unique().join(removed.select(EDGE).unique(), on=EDGE).height
+    return added, removed, repointed
 
 
 def preview(plan: Plan, limit: int = 20) -> str:
@@ -107,6 +296,13 @@ def preview(plan: Plan, limit: int = 20) -> str:
         lines.append(f"| … | {more} more | | |")
     if plan.operations.height == 0:
         lines.append("| | nothing to do | | |")
+    header = plan.header
+    lines.append("")
+    lines.append(
+        f"relationships: +{header.relationships_added} −{header.relationships_removed}"
+        f" (re-pointed {header.relationships_repointed}); isolated by plan rules:"
+        f" {header.isolated_by_plan}"
+    )
     return "\n".join(lines)
 
 
@@ -122,22 +318,21 @@ class CheckOutcome:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def _examples(frame: pl.DataFrame, limit: int = 5) -> list[list[Any]]:
+    return [list(row) for row in frame.head(limit).rows()]
+
+
 def check_scope(plan: Plan) -> CheckOutcome:
     """Every operation touches the batch's own connection, by attribute and by namespace."""
     source = plan.header.source
     ops = plan.operations
-    connections = ops.select(
-        pl.col("entity").map_elements(_connection_of, return_dtype=pl.String).alias("connection"),
-        *IDENTITY,
-    )
-    outside = connections.filter(
-        (pl.col("connection") != source)
+    outside = ops.filter(
+        (attribute("connectionQualifiedName") != source)
         | (
             (pl.col("qualified_name") != source)
             & ~pl.col("qualified_name").str.starts_with(source + "/")
         )
-    )
-    examples = outside.head(5).rows()
+    ).select(IDENTITY)
     return CheckOutcome(
         name="scope",
         passed=outside.height == 0,
@@ -147,101 +342,132 @@ def check_scope(plan: Plan) -> CheckOutcome:
             if outside.height == 0
             else f"{outside.height} operation(s) touch entities outside {source}"
         ),
-        metadata={"out_of_scope": outside.height, "examples": [list(r) for r in examples]},
+        metadata={"out_of_scope": outside.height, "examples": _examples(outside)},
     )
 
 
-def _connection_of(entity_json: str | None) -> str | None:
-    if entity_json is None:
-        return None
-    attributes = orjson.loads(entity_json).get("attributes") or {}
-    return attributes.get("connectionQualifiedName")
+def check_deletion_safety(
+    plan: Plan, threshold: float, approval: Approval | None = None
+) -> CheckOutcome:
+    """Hold a batch that would delete too much of its source, or that is empty.
 
-
-def check_deletion_safety(plan: Plan, threshold: float) -> CheckOutcome:
-    """Hold a batch that would delete too much of its source, or that is empty."""
+    An operator's approval lets a held batch through; the check then passes and records who
+    approved it and why.
+    """
     header = plan.header
     share = header.deletes / header.snapshot_entities if header.snapshot_entities else 0.0
-    metadata = {
+    metadata: dict[str, Any] = {
         "deletes": header.deletes,
         "snapshot_entities": header.snapshot_entities,
         "deletion_share": round(share, 4),
         "threshold": threshold,
     }
+    problem = None
     if header.mode == "full" and header.batch_entities == 0 and header.snapshot_entities > 0:
+        problem = (
+            f"empty full batch would delete all {header.snapshot_entities} entities of"
+            f" {header.source}"
+        )
+    elif share > threshold:
+        problem = f"batch deletes {share:.0%} of {header.source} (threshold {threshold:.0%})"
+    if problem is None:
         return CheckOutcome(
             "deletion_safety",
-            False,
             True,
-            f"empty full batch would delete all {header.snapshot_entities} entities of"
-            f" {header.source}: held for an operator",
+            True,
+            f"deletes {header.deletes} of {header.snapshot_entities} ({share:.0%}), within"
+            f" {threshold:.0%}",
             metadata,
         )
-    if share > threshold:
+    if approval is not None:
+        metadata.update(
+            approved_by=approval.approved_by,
+            approval_reason=approval.reason,
+            approved_at=approval.approved_at.isoformat(),
+        )
         return CheckOutcome(
             "deletion_safety",
-            False,
             True,
-            f"batch deletes {share:.0%} of {header.source} (threshold {threshold:.0%}):"
-            " held for an operator",
+            True,
+            f"{problem}: approved by {approval.approved_by}"
+            + (f" ({approval.reason})" if approval.reason else ""),
             metadata,
         )
     return CheckOutcome(
-        "deletion_safety",
-        True,
-        True,
-        f"deletes {header.deletes} of {header.snapshot_entities} ({share:.0%}), within"
-        f" {threshold:.0%}",
-        metadata,
+        "deletion_safety", False, True, f"{problem}: held for an operator's approval", metadata
     )
 
 
 def check_references(plan: Plan, snapshot: pl.DataFrame) -> CheckOutcome:
-    """Report references whose target is neither in the batch nor in the published snapshot."""
-    known = pl.concat([plan.batch_identities, snapshot.select(IDENTITY)], how="vertical").unique()
-    deleted = plan.operations.filter(pl.col("op") == "delete").select(IDENTITY)
-    known = known.join(deleted, on=IDENTITY, how="anti")
-    refs = (
-        plan.operations.filter(pl.col("op") != "delete")
-        .select(pl.col("qualified_name").alias("from"), "references")
-        .explode("references")
-        .drop_nulls("references")
-        .unnest("references")
-    )
-    dangling = refs.join(known, on=IDENTITY, how="anti")
+    """No planned entity references what will not exist; reports what the plan isolated."""
+    known = pl.concat(
+        [
+            plan.operations.filter(pl.col("op") != "delete").select(IDENTITY),
+            snapshot.select(IDENTITY),
+        ],
+        how="vertical",
+    ).unique()
+    refs = _references(plan.operations.filter(pl.col("op") != "delete"))
+    # Targets outside batch and snapshot were found in the metastore when the plan was built.
+    isolated = plan.isolated.filter(pl.col("reason") == "dangling_reference")
+    unresolved = refs.join(known, on=IDENTITY, how="anti").select(IDENTITY).unique()
     return CheckOutcome(
         name="references",
-        passed=dangling.height == 0,
+        passed=isolated.height == 0,
         blocking=False,
         description=(
             f"all {refs.height} references resolve"
-            if dangling.height == 0
-            else f"{dangling.height} of {refs.height} references point to unknown entities"
+            if isolated.height == 0
+            else f"{isolated.height} entities isolated for dangling references"
         ),
         metadata={
             "references": refs.height,
-            "dangling": dangling.height,
-            "examples": [list(r) for r in dangling.head(5).rows()],
+            "isolated_dangling": isolated.height,
+            "resolved_in_metastore": unresolved.height,
+            "examples": _examples(isolated),
+            "relationships_added": plan.header.relationships_added,
+            "relationships_removed": plan.header.relationships_removed,
+            "relationships_repointed": plan.header.relationships_repointed,
         },
     )
 
 
 def check_required_attributes(plan: Plan) -> CheckOutcome:
-    """Report creates/updates without the attributes every asset needs."""
-    missing = []
-    for row in plan.operations.filter(pl.col("op") != "delete").iter_rows(named=True):
-        attributes = orjson.loads(row["entity"]).get("attributes") or {}
-        absent = [name for name in REQUIRED_ATTRIBUTES if attributes.get(name) in (None, "")]
-        if absent:
-            missing.append([row["type_name"], row["qualified_name"], absent])
+    """No planned entity lacks qualifiedName, name or connection; reports what was isolated."""
+    upserts = plan.operations.filter(pl.col("op") != "delete")
+    lacking = upserts.filter(
+        pl.any_horizontal(
+            [attribute(n).is_null() | (attribute(n) == "") for n in REQUIRED_ATTRIBUTES]
+        )
+    )
+    isolated = plan.isolated.filter(pl.col("reason") == "missing_required_attribute")
     return CheckOutcome(
         name="required_attributes",
-        passed=not missing,
+        passed=lacking.height == 0 and isolated.height == 0,
         blocking=False,
         description=(
             "every entity has " + ", ".join(REQUIRED_ATTRIBUTES)
-            if not missing
-            else f"{len(missing)} entities lack required attributes"
+            if lacking.height == 0 and isolated.height == 0
+            else f"{isolated.height} entities isolated for missing required attributes"
         ),
-        metadata={"missing": len(missing), "examples": missing[:5]},
+        metadata={
+            "isolated": isolated.height,
+            "planned_without_required": lacking.height,
+            "examples": _examples(isolated),
+        },
     )
+
+
+def evaluate_checks(
+    plan: Plan, snapshot: pl.DataFrame, threshold: float, approval: Approval | None
+) -> list[CheckOutcome]:
+    return [
+        check_scope(plan),
+        check_deletion_safety(plan, threshold, approval),
+        check_references(plan, snapshot),
+        check_required_attributes(plan),
+    ]
+
+
+def blocking_failures(checks: Iterable[CheckOutcome]) -> list[CheckOutcome]:
+    return [c for c in checks if c.blocking and not c.passed]

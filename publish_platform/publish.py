@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 import polars as pl
@@ -32,6 +33,7 @@ class PublishOutcome:
     results: pl.DataFrame  # RESULT_SCHEMA, one row per operation
     requests: int = 0
     split_chunks: int = 0
+    resumed: int = 0  # operations already applied by an earlier, interrupted attempt
     duration_s: float = 0.0
     errors: list[dict] = field(default_factory=list)
 
@@ -44,27 +46,35 @@ class PublishOutcome:
         return int(self.results.filter(pl.col("ok")).height)
 
 
+class Checkpoint(Protocol):
+    """Durable per-chunk results, so a publish that died resumes where it stopped."""
+
+    def done(self) -> pl.DataFrame: ...
+
+    def record(self, results: pl.DataFrame) -> None: ...
+
+
 def execute_plan(
     operations: pl.DataFrame,
     metastore: Metastore,
     chunk_size: int,
     purge: bool = False,
     progress: Progress | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> PublishOutcome:
+    """Apply every operation not already recorded in ``checkpoint``; return all results."""
     started = time.perf_counter()
     outcome = PublishOutcome(results=pl.DataFrame(schema=RESULT_SCHEMA))
-    seqs: list[int] = []
-    oks: list[bool] = []
-    guids: list[str | None] = []
-    errors: list[str | None] = []
-    done = 0
+    previous = checkpoint.done() if checkpoint is not None else outcome.results
+    outcome.resumed = previous.height
+    remaining = operations.join(previous.select("seq"), on="seq", how="anti")
+    parts = [previous]
+    done = previous.height
     total = operations.height
-    for chunk in _chunks(operations, chunk_size):
+    for chunk in _chunks(remaining, chunk_size):
+        rows = []
         for seq, result in _apply_isolating(chunk, metastore, purge, outcome):
-            seqs.append(seq)
-            oks.append(result.ok)
-            guids.append(result.guid)
-            errors.append(result.error)
+            rows.append((seq, result.ok, result.guid, result.error))
             if not result.ok:
                 outcome.errors.append(
                     {
@@ -73,12 +83,14 @@ def execute_plan(
                         "error": result.error,
                     }
                 )
+        part = pl.DataFrame(rows, schema=RESULT_SCHEMA, orient="row")
+        if checkpoint is not None:
+            checkpoint.record(part)
+        parts.append(part)
         done += len(chunk)
         if progress is not None:
             progress(done, total)
-    outcome.results = pl.DataFrame(
-        {"seq": seqs, "ok": oks, "guid": guids, "error": errors}, schema=RESULT_SCHEMA
-    )
+    outcome.results = pl.concat(parts, how="vertical").sort("seq")
     outcome.duration_s = time.perf_counter() - started
     return outcome
 
@@ -135,6 +147,7 @@ def _apply(chunk: list[dict], metastore: Metastore, purge: bool) -> list[WriteRe
                 entity=orjson.loads(row["entity"]),
                 content_hash=row["hash"],
                 guid=row["guid"],
+                references=tuple(row["references"] or ()),
             )
             for row in chunk
         ]

@@ -51,6 +51,10 @@ class BatchMetrics(BaseModel):
     published: int = 0
     failed: int = 0
     requests: int = 0
+    resumed: int = 0
+    relationships_added: int = 0
+    relationships_removed: int = 0
+    relationships_repointed: int = 0
     diff_s: float | None = None
     plan_s: float | None = None
     publish_s: float | None = None
@@ -196,7 +200,17 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
     elif publish_meta is not None:
         state.snapshot_serial = publish_meta.get("serial")
         outcome = publish_meta.get("outcome")
-        if outcome == "not_publishable":
+        if outcome == "superseded" or diff_meta.get("outcome") == "superseded":
+            state.status = PublishStatus.SUPERSEDED
+            problems = diff_meta.get("problems") or []
+            state.failure_details = FailureDetails(
+                step="diff" if problems else "publish",
+                error_type="superseded",
+                message="; ".join(p.get("message", "") for p in problems)
+                or "newer data of the source was published first",
+                problems=problems,
+            )
+        elif outcome == "not_publishable":
             skipped = diff_meta.get("outcome") == "skipped"
             state.status = PublishStatus.SKIPPED if skipped else PublishStatus.QUARANTINED
             problems = diff_meta.get("problems") or []

@@ -38,7 +38,8 @@ def write_instance_yaml(dagster_home: Path, storage: str = "sqlite") -> Path:
     return target
 
 
-def _bin(name: str) -> str:
+def dagster_bin(name: str) -> str:
+    """A console script of this environment (dagster, dagster-webserver, dagster-daemon)."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
 
@@ -70,14 +71,22 @@ def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> DagsterProce
     daemon_log = open(log_dir / "daemon.log", "ab")  # noqa: SIM115
     full_env = {**os.environ, **env}
     webserver = subprocess.Popen(
-        [_bin("dagster-webserver"), "-w", str(WORKSPACE_YAML), "-h", "127.0.0.1", "-p", str(port)],
+        [
+            dagster_bin("dagster-webserver"),
+            "-w",
+            str(WORKSPACE_YAML),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
         env=full_env,
         stdout=web_log,
         stderr=subprocess.STDOUT,
         cwd=PROJECT_ROOT,
     )
     daemon = subprocess.Popen(
-        [_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
+        [dagster_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
         env=full_env,
         stdout=daemon_log,
         stderr=subprocess.STDOUT,

@@ -2,10 +2,12 @@
 
 Layout under the state prefix::
 
-    sources/<source>/snapshots/<serial>.parquet   immutable, one row per published entity
-    sources/<source>/pointer.json                 current serial; advanced by compare-and-swap
+    sources/<source>/snapshots/<serial>-<plan>.parquet  immutable candidates, one row per entity
+    sources/<source>/pointer.json                 current serial and snapshot; compare-and-swap
+    sources/<source>/history/<serial>.json        every committed pointer, immutable
     batches/<app>/<workflow_id>/<run_id>/diff.parquet, diff.json
-    batches/<app>/<workflow_id>/<run_id>/plan.parquet, plan.json
+    batches/<app>/<workflow_id>/<run_id>/plan.parquet, plan.json, plan-isolated.jsonl
+    batches/<app>/<workflow_id>/<run_id>/publish/<plan_id>/<first seq>.parquet  chunk checkpoints
 
 ``<source>`` is the connection qualified name percent-encoded into one path segment, so no source
 can reach into another's prefix. Snapshots are written with ``If-None-Match: *`` (never replaced)
@@ -120,31 +122,76 @@ class StateStore:
     def read_snapshot(self, source: str, serial: int) -> pl.DataFrame:
         if serial == 0:
             return empty_snapshot()
-        return self.get_frame(self.snapshot_key(source, serial))
+        return self.get_frame(self.snapshot_key_of(source, serial))
 
-    def snapshot_key(self, source: str, serial: int) -> str:
-        return self.source_key(source, "snapshots", f"{serial:012d}.parquet")
+    def snapshot_key_of(self, source: str, serial: int) -> str:
+        """The committed snapshot of a serial: the pointer's, or the history's for older ones."""
+        found = self.read_pointer(source)
+        if found is not None and found[0].serial == serial:
+            return found[0].snapshot_key
+        entry = self.get_bytes(self.history_key(source, serial))
+        if entry is None:
+            raise FileNotFoundError(f"no committed snapshot {serial} for {source}")
+        return Pointer.model_validate_json(entry[0]).snapshot_key
 
-    def write_snapshot(self, source: str, serial: int, frame: pl.DataFrame) -> str:
-        """Write an immutable snapshot; an existing one with that serial is never replaced."""
-        key = self.snapshot_key(source, serial)
+    def history_key(self, source: str, serial: int) -> str:
+        return self.source_key(source, "history", f"{serial:012d}.json")
+
+    def history(self, source: str) -> list[Pointer]:
+        """Every committed serial of a source, oldest first."""
+        prefix = self.source_key(source, "history/")
+        entries = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                found = self.get_bytes(item["Key"])
+                if found is not None:
+                    entries.append(Pointer.model_validate_json(found[0]))
+        current = self.read_pointer(source)
+        if current is not None and all(e.serial != current[0].serial for e in entries):
+            entries.append(current[0])
+        return sorted(entries, key=lambda p: p.serial)
+
+    def snapshot_key(self, source: str, serial: int, attempt: str) -> str:
+        return self.source_key(source, "snapshots", f"{serial:012d}-{attempt}.parquet")
+
+    def write_snapshot(self, source: str, serial: int, frame: pl.DataFrame, attempt: str) -> str:
+        """Write an immutable snapshot candidate for ``serial``; the pointer CAS commits one.
+
+        Candidates are named by attempt (the plan id), so two publishers can never overwrite
+        each other's, and a retry of the same plan finds (and accepts) its own.
+        """
+        key = self.snapshot_key(source, serial, attempt)
         frame = frame.select(list(SNAPSHOT_SCHEMA))
         try:
             self.put_frame(key, frame, IfNoneMatch="*")
         except ClientError as exc:
             if _precondition_failed(exc):
-                # A retry of this very publish after the pointer write was lost (crash, network
-                # error) finds its own snapshot: accept it, or the source would be wedged forever.
                 if self.get_frame(key).equals(frame):
                     return key
                 raise StaleStateError(
-                    f"snapshot {serial} of {source} already exists: another publish won"
+                    f"snapshot candidate {key} exists with other content"
                 ) from exc
             raise
         return key
 
+    def _record_history(self, pointer: Pointer) -> None:
+        try:
+            self.put_bytes(
+                self.history_key(pointer.source, pointer.serial),
+                pointer.model_dump_json().encode(),
+                IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            if not _precondition_failed(exc):
+                raise
+
     def advance_pointer(self, pointer: Pointer, expected_serial: int) -> None:
-        """Compare-and-swap the source's pointer from ``expected_serial`` to ``pointer.serial``."""
+        """Compare-and-swap the source's pointer from ``expected_serial`` to ``pointer.serial``.
+
+        Each committed pointer is also kept, immutable, in ``history/`` (what rollback reads);
+        an entry lost to a crash right after a commit is written by the next commit.
+        """
         key = self.source_key(pointer.source, "pointer.json")
         current = self.read_pointer(pointer.source)
         current_serial = current[0].serial if current else 0
@@ -152,6 +199,8 @@ class StateStore:
             raise StaleStateError(
                 f"{pointer.source} is at serial {current_serial}, plan expected {expected_serial}"
             )
+        if current is not None:
+            self._record_history(current[0])
         condition = {"IfMatch": current[1]} if current else {"IfNoneMatch": "*"}
         try:
             self.put_bytes(key, pointer.model_dump_json().encode(), **condition)
@@ -159,6 +208,7 @@ class StateStore:
             if _precondition_failed(exc):
                 raise StaleStateError(f"{pointer.source} pointer moved during publish") from exc
             raise
+        self._record_history(pointer)
 
     def list_sources(self) -> list[str]:
         """Connection qualified names that have a pointer."""
@@ -176,3 +226,30 @@ class StateStore:
 def _precondition_failed(exc: ClientError) -> bool:
     error = exc.response.get("Error", {})
     return error.get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+class ChunkCheckpoint:
+    """Results of each applied chunk of one plan, under ``batches/<partition>/publish/<plan_id>/``.
+
+    Keyed by the plan's content id: a re-run that recomputes the same plan on the same serial
+    resumes from these; a different plan starts afresh.
+    """
+
+    def __init__(
+        self, state: StateStore, partition_key: str, plan_id: str, schema: dict[str, Any]
+    ) -> None:
+        self.state = state
+        self.schema = schema
+        self.prefix = state.batch_key(partition_key, f"publish/{plan_id}/")
+
+    def done(self) -> pl.DataFrame:
+        parts = [pl.DataFrame(schema=self.schema)]
+        paginator = self.state.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.state.location.bucket, Prefix=self.prefix):
+            for item in page.get("Contents", []):
+                parts.append(self.state.get_frame(item["Key"]).cast(self.schema))
+        return pl.concat(parts, how="vertical").unique("seq", keep="first")
+
+    def record(self, results: pl.DataFrame) -> None:
+        first = int(results.get_column("seq").min())
+        self.state.put_frame(f"{self.prefix}{first:012d}.parquet", results)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -12,6 +9,7 @@ import pytest
 
 from publish_platform.config import Settings
 from publish_platform.landing import RunRef
+from publish_platform_tests.commands import run_cli
 from publish_platform_tests.support import (
     UPSTREAM_ENTITIES,
     UPSTREAM_REF,
@@ -25,20 +23,7 @@ from publish_platform_tests.support import (
 @pytest.fixture
 def cli(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "publish_platform.cli", *args],
-            env=dict(os.environ),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"{args} exited {result.returncode}:\n{result.stderr}")
-        return result
-
-    return run
+    return run_cli
 
 
 def test_land_drain_status_dump(cli, s3, settings: Settings) -> None:

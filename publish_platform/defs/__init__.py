@@ -7,12 +7,13 @@ from dagster import Definitions
 
 from publish_platform.defs.assets import diff, plan, publish
 from publish_platform.defs.jobs import publish_batch
+from publish_platform.defs.operations import rollback_source
 from publish_platform.defs.resources import default_resources
 from publish_platform.defs.sensors import landing_sensor
 
 defs = Definitions(
     assets=[diff, plan, publish],
-    jobs=[publish_batch],
+    jobs=[publish_batch, rollback_source],
     sensors=[landing_sensor],
     resources=default_resources(),
 )

@@ -1,5 +1,6 @@
 """The three partitioned assets of a batch. Their materialization metadata is the publish-state."""
 
+import time
 from collections.abc import Iterator
 
 from dagster import (
@@ -8,6 +9,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -17,8 +19,8 @@ from pydantic import Field
 
 from publish_platform.defs.partitions import workflow_runs
 from publish_platform.defs.resources import PlatformResource
-from publish_platform.pipeline import run_diff, run_plan, run_publish
-from publish_platform.plan import preview
+from publish_platform.pipeline import publish_with_replan, run_diff, run_plan
+from publish_platform.plan import Approval, preview
 
 GROUP = "publish"
 
@@ -28,6 +30,23 @@ PLAN_CHECKS = {
     "references": (False, "Reports references to entities neither in the batch nor published."),
     "required_attributes": (False, "Reports entities lacking qualifiedName, name or connection."),
 }
+
+
+class PlanConfig(Config):
+    """An operator's approval of a batch held by the deletion-safety check."""
+
+    approve_deletions: bool = Field(
+        default=False, description="Let this batch's deletions through despite the threshold."
+    )
+    approved_by: str = Field(default="", description="Who approves (recorded with the plan).")
+    reason: str = Field(default="", description="Why (recorded with the plan).")
+
+    def approval(self) -> Approval | None:
+        if not self.approve_deletions:
+            return None
+        if not self.approved_by:
+            raise Failure("approve_deletions needs approved_by: who approves")
+        return Approval(approved_by=self.approved_by, reason=self.reason)
 
 
 class DiffConfig(Config):
@@ -97,17 +116,31 @@ def diff(
     ],
 )
 def plan(
-    context: AssetExecutionContext, s3: S3Resource, platform: PlatformResource
+    context: AssetExecutionContext,
+    config: PlanConfig,
+    s3: S3Resource,
+    platform: PlatformResource,
 ) -> Iterator[MaterializeResult]:
     """Ordered operations (parents first, deletes children first), pinned to a snapshot serial."""
-    import time
-
     started = time.perf_counter()
     client = s3.get_client()
     state = platform.state_store(client)
     settings = platform.settings()
-    summary, batch_plan, checks = run_plan(state, settings, context.partition_key)
+    approval = config.approval()
+    with platform.metastore() as metastore:
+        summary, batch_plan, checks = run_plan(
+            state, settings, context.partition_key, metastore, approval
+        )
     header = batch_plan.header
+    for row in batch_plan.isolated.head(20).iter_rows(named=True):
+        context.log.warning(
+            f"isolated by plan rules: {row['type_name']} {row['qualified_name']}"
+            f" ({row['reason']}): {row['message']}"
+        )
+    if header.approval is not None:
+        context.log.info(
+            f"deletions approved by {header.approval.approved_by}: {header.approval.reason}"
+        )
     check_results = [
         AssetCheckResult(
             check_name=outcome.name,
@@ -135,6 +168,14 @@ def plan(
             "unchanged": header.unchanged,
             "snapshot_entities": header.snapshot_entities,
             "isolated": header.isolated,
+            "isolated_by_plan": header.isolated_by_plan,
+            "relationships_added": header.relationships_added,
+            "relationships_removed": header.relationships_removed,
+            "relationships_repointed": header.relationships_repointed,
+            "deletion_threshold": header.deletion_threshold or 0.0,
+            "approved_by": header.approval.approved_by if header.approval else "",
+            "approval_reason": header.approval.reason if header.approval else "",
+            "plan_id": header.plan_id,
             "plan_s": round(time.perf_counter() - started, 3),
             "plan_path": MetadataValue.path(
                 state.url(state.batch_key(context.partition_key, "plan.parquet"))
@@ -157,7 +198,13 @@ def publish(
         context.log.info(f"published {done}/{total} operations")
 
     with platform.metastore() as metastore:
-        result = run_publish(state, platform.settings(), metastore, context.partition_key, progress)
+        result = publish_with_replan(
+            client, state, platform.settings(), metastore, context.partition_key, progress
+        )
+    if result.replanned:
+        context.log.warning("the plan was stale (its source moved on): re-planned and re-checked")
+    if result.resumed:
+        context.log.info(f"resumed: {result.resumed} operations were applied by an earlier attempt")
     for failure in result.failures_preview:
         context.log.error(
             f"failed {failure['type_name']} {failure['qualified_name']}: {failure['error']}"
@@ -172,6 +219,8 @@ def publish(
             "failed": result.failed,
             "requests": result.requests,
             "split_chunks": result.split_chunks,
+            "resumed": result.resumed,
+            "replanned": result.replanned,
             "snapshot_entities": result.snapshot_entities,
             "publish_s": round(result.duration_s, 3),
             "snapshot_path": MetadataValue.path(result.snapshot_key or ""),

@@ -22,17 +22,10 @@ MAX_REJECTED_REMEMBERED = 1000
 
 
 def run_request_for(listing: RunListing) -> RunRequest:
-    run = listing.run
-    return RunRequest(
-        partition_key=run.partition_key,
-        # One run per partition, ever, from this sensor: re-evaluations cannot launch twice.
-        run_key=run.partition_key,
-        tags={
-            "publish_platform/app": run.app,
-            "publish_platform/workflow_id": run.workflow_id,
-            "publish_platform/workflow_run_id": run.run_id,
-        },
-    )
+    key = listing.run.partition_key
+    # One run per partition, ever, from this sensor: re-evaluations cannot launch twice. The
+    # source and priority tags come from the job's partitioned config, as for every launch.
+    return RunRequest(partition_key=key, run_key=key)
 
 
 @sensor(

@@ -22,6 +22,8 @@ class EntityWrite:
     entity: dict
     content_hash: str
     guid: str | None = None
+    # Reference edges: {"attribute", "type_name", "qualified_name"} of each target.
+    references: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class Metastore(Protocol):
 
     def delete(self, identities: Sequence[Identity], purge: bool = False) -> list[WriteResult]:
         """Archive (or purge) a chunk. Deleting what is already gone succeeds."""
+        ...
+
+    def existing(self, identities: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (typeName, qualifiedName) identities exist (active) in the metastore."""
         ...
 
     def dump(self, source: str | None = None) -> Iterator[dict]:

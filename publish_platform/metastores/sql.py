@@ -37,6 +37,26 @@ entities = sa.Table(
     sa.Index("ix_catalog_entities_connection", "connection_qualified_name", "status"),
 )
 
+# Reference edges of active entities, replaced whenever their entity is written.
+relationships = sa.Table(
+    "catalog_relationships",
+    metadata,
+    sa.Column("from_guid", sa.String(36), nullable=False),
+    sa.Column("attribute", sa.String(255), nullable=False),
+    sa.Column("to_type_name", sa.String(255), nullable=False),
+    sa.Column("to_qualified_name", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint(
+        "from_guid",
+        "attribute",
+        "to_type_name",
+        "to_qualified_name",
+        name="pk_catalog_relationships",
+    ),
+    sa.Index("ix_catalog_relationships_to", "to_type_name", "to_qualified_name"),
+)
+
+LOOKUP_BATCH = 500
+
 
 def create_catalog_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
@@ -100,6 +120,26 @@ class SqlCatalog:
                 (row.type_name, row.qualified_name): row.guid
                 for row in connection.execute(statement)
             }
+            guids = list(returned.values())
+            connection.execute(sa.delete(relationships).where(relationships.c.from_guid.in_(guids)))
+            edges = {
+                (
+                    returned[(w.type_name, w.qualified_name)],
+                    ref["attribute"],
+                    ref["type_name"],
+                    ref["qualified_name"],
+                )
+                for w in writes
+                for ref in w.references
+            }
+            if edges:
+                connection.execute(
+                    sa.insert(relationships),
+                    [
+                        {"from_guid": g, "attribute": a, "to_type_name": t, "to_qualified_name": q}
+                        for g, a, t, q in sorted(edges)
+                    ],
+                )
         return [
             WriteResult(
                 w.type_name, w.qualified_name, True, returned[(w.type_name, w.qualified_name)]
@@ -123,6 +163,9 @@ class SqlCatalog:
                 )
             }
             if purge:
+                connection.execute(
+                    sa.delete(relationships).where(relationships.c.from_guid.in_(guids.values()))
+                )
                 connection.execute(sa.delete(entities).where(condition))
             else:
                 connection.execute(
@@ -140,6 +183,33 @@ class SqlCatalog:
             )
             for i in identities
         ]
+
+    def existing(self, identities: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        with self.engine.connect() as connection:
+            for start in range(0, len(identities), LOOKUP_BATCH):
+                batch = list(identities[start : start + LOOKUP_BATCH])
+                query = sa.select(entities.c.type_name, entities.c.qualified_name).where(
+                    sa.tuple_(entities.c.type_name, entities.c.qualified_name).in_(batch)
+                    & (entities.c.status == "ACTIVE")
+                )
+                found.update((r.type_name, r.qualified_name) for r in connection.execute(query))
+        return found
+
+    def relationships(self, source: str | None = None) -> set[tuple[str, str, str, str, str]]:
+        """Edges of active entities: (from type, from qualifiedName, attribute, to type, to qn)."""
+        query = sa.select(
+            entities.c.type_name,
+            entities.c.qualified_name,
+            relationships.c.attribute,
+            relationships.c.to_type_name,
+            relationships.c.to_qualified_name,
+        ).join(relationships, relationships.c.from_guid == entities.c.guid)
+        query = query.where(entities.c.status == "ACTIVE")
+        if source is not None:
+            query = query.where(entities.c.connection_qualified_name == source)
+        with self.engine.connect() as connection:
+            return {tuple(row) for row in connection.execute(query)}
 
     def dump(self, source: str | None = None) -> Iterator[dict]:
         query = sa.select(entities.c.guid, entities.c.entity).where(entities.c.status == "ACTIVE")
