@@ -5,9 +5,10 @@ Dagster's run queue enforces one run per source at a time (``tag_concurrency_lim
 computed here from the batch itself, for every way a run starts: the sensor, the launchpad,
 backfills, retries and the CLI (``tags_for_partition_key_fn`` of the job's partitioned config).
 
-Priority = source importance (configured, -50..50) + data age (one point per 5 minutes since the
-source was read, up to 200, so no source starves) + smallness (up to 10 for small workflows).
-Within a source, older data therefore runs first.
+Priority = data age in minutes since the source was read (uncapped: older data always outranks
+newer data, so no batch starves and, within a source, older batches run first) + 10 × source
+importance (configured, -50..50: worth up to ±500 minutes of age) + smallness (up to 10 for
+small workflows).
 """
 
 from __future__ import annotations
@@ -103,13 +104,12 @@ def priority(profile: BatchProfile, settings: Settings, now: datetime | None = N
     now = now or datetime.now(UTC)
     importance = settings.source_importance.get(profile.source or "", profile.importance_hint or 0)
     importance = max(-50, min(50, importance))
-    age_term = 0
+    age_minutes = 0
     if profile.source_timestamp is not None:
-        age_minutes = max(0.0, (now - profile.source_timestamp).total_seconds() / 60)
-        age_term = min(200, int(age_minutes // 5))
+        age_minutes = max(0, int((now - profile.source_timestamp).total_seconds() // 60))
     megabytes = max(1.0, profile.data_bytes / 1_000_000)
     size_term = max(0, 10 - int(math.log2(megabytes)))
-    return importance + age_term + size_term
+    return age_minutes + 10 * importance + size_term
 
 
 def batch_tags(
@@ -132,11 +132,16 @@ def _cached_profile(partition_key: str, landing: str) -> BatchProfile:
     return profile_batch(s3_client(), load_settings(), RunRef.from_partition_key(partition_key))
 
 
+def cached_profile(partition_key: str) -> BatchProfile:
+    """The profile of a ready batch (immutable once ready), cached per process."""
+    return _cached_profile(partition_key, load_settings().landing)
+
+
 def tags_for_partition(partition_key: str) -> dict[str, str]:
     """Tags of any run of this partition (used by the job's partitioned config)."""
     settings = load_settings()
     try:
-        profile = _cached_profile(partition_key, settings.landing)
+        profile = cached_profile(partition_key)
     except Exception as exc:  # noqa: BLE001 - a launch must not fail because ordering cannot look
         # Without its source the run takes the shared "unknown" slot: serialized, never parallel.
         logger.warning("cannot profile %s for ordering: %s", partition_key, exc)

@@ -190,14 +190,11 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
     status = run.status
     if status in (DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING):
         state.status = PublishStatus.PENDING
-    elif status in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
-        if publish_meta is not None:
-            state.status = PublishStatus.COMPLETE
-        elif "plan" in materialized:
-            state.status = PublishStatus.EXECUTING
-        else:
-            state.status = PublishStatus.PLANNING
+    elif status in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING) and publish_meta is None:
+        in_plan = "plan" in materialized
+        state.status = PublishStatus.EXECUTING if in_plan else PublishStatus.PLANNING
     elif publish_meta is not None:
+        # Published (the run may still be finishing): the outcome says what happened.
         state.snapshot_serial = publish_meta.get("serial")
         outcome = publish_meta.get("outcome")
         if outcome == "superseded" or diff_meta.get("outcome") == "superseded":
@@ -220,7 +217,7 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
                 message="; ".join(p.get("message", "") for p in problems) or "not publishable",
                 problems=problems,
             )
-        elif status == DagsterRunStatus.SUCCESS:
+        elif status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.STARTED):
             state.status = PublishStatus.COMPLETE
         else:
             state.status = PublishStatus.FAILED

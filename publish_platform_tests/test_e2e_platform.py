@@ -10,6 +10,7 @@ Once with Dagster on SQLite (the embedded default), once on Postgres as dagster.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from publish_platform.runtime import start_dagster, write_instance_yaml
 pytestmark = pytest.mark.slow
 
 SETTLED = {
+    PublishStatus.SUPERSEDED,
     PublishStatus.COMPLETE,
     PublishStatus.FAILED,
     PublishStatus.HELD,
@@ -252,3 +254,68 @@ def test_publish_change_and_republish(platform, tmp_path: Path) -> None:
         "metrics",
         "failure_details",
     } <= set(listed[0])
+
+
+def _versioned_run(root: Path, run_id: str, label: str, source_timestamp: str):
+    """The fixture's source, with a description marking which batch wrote it, and a manifest."""
+    folder = fixture_run_folder()
+    files = read_run_entities(folder)
+    for entity in files["table"]:
+        entity["attributes"]["description"] = f"written by {label}"
+    source = files["table"][0]["attributes"]["connectionQualifiedName"]
+    manifest = {
+        "connection_qualified_name": source,
+        "workflow_id": folder.parent.name,
+        "run_id": run_id,
+        "status": "SUCCEEDED",
+        "source_timestamp": source_timestamp,
+        "processing_timestamp": source_timestamp,
+        "mode": "full",
+    }
+    return write_run(root, folder.parents[2].name, folder.parent.name, run_id, files, manifest)
+
+
+@pytest.mark.parametrize("platform", ["sqlite"], indirect=True)
+def test_one_run_per_source_older_first_and_late_old_batches_superseded(
+    platform, tmp_path: Path
+) -> None:
+    env, instance, catalog, _ = platform
+    landing = env["PUBLISH_PLATFORM_LANDING"]
+    runs = [
+        _versioned_run(
+            tmp_path / f"b{i}", str(uuid.uuid4()), f"batch {i}", f"2026-03-0{i}T00:00:00Z"
+        )
+        for i in (1, 2, 3)
+    ]
+    # All three land before the sensor looks: one tick queues them together.
+    staged = tmp_path / "all"
+    for run in runs:
+        shutil.copytree(run.root, staged, dirs_exist_ok=True)
+    _cli(env, "land", str(staged))
+    states = [_wait_for(instance, landing, run.partition_key) for run in runs]
+    assert [s.status for s in states] == [PublishStatus.COMPLETE] * 3
+
+    records = [instance.get_run_record_by_id(s.dagster_run_id) for s in states]
+    intervals = sorted((r.start_time, r.end_time, i) for i, r in enumerate(records))
+    # One run per source at a time, oldest data first.
+    assert [i for _, _, i in intervals] == [0, 1, 2]
+    for (_, end, _), (start, _, _) in zip(intervals, intervals[1:], strict=False):
+        assert end <= start
+    source = states[0].source_id
+    descriptions = {
+        e["attributes"]["description"] for e in catalog.dump(source) if e["typeName"] == "Table"
+    }
+    assert descriptions == {"written by batch 3"}
+
+    # A batch of older data landing after newer data was published is superseded.
+    late = _versioned_run(
+        tmp_path / "late", str(uuid.uuid4()), "late batch", "2026-02-01T00:00:00Z"
+    )
+    _cli(env, "land", str(late.root))
+    state = _wait_for(instance, landing, late.partition_key)
+    assert state.status == PublishStatus.SUPERSEDED, state.model_dump_json(indent=1)
+    assert "older" in state.failure_details.message
+    descriptions = {
+        e["attributes"]["description"] for e in catalog.dump(source) if e["typeName"] == "Table"
+    }
+    assert descriptions == {"written by batch 3"}

@@ -47,11 +47,15 @@ def test_priority_prefers_older_data_smaller_workflows_and_important_sources() -
     )
     assert (
         priority(_profile("important", 0), settings, NOW)
-        == priority(_profile("s", 0), settings, NOW) + 40
+        == priority(_profile("s", 0), settings, NOW) + 400
     )
-    # Aging is bounded, importance too: a neglected minor source eventually outranks new work.
+    # Importance is bounded, age is not: a waiting minor source eventually outranks new work.
     assert priority(_profile("minor", 60 * 24), settings, NOW) > priority(
         _profile("important", 0), settings, NOW
+    )
+    # Within a source, older data always comes first, however old both are.
+    assert priority(_profile("s", 400_000), settings, NOW) > priority(
+        _profile("s", 399_999), settings, NOW
     )
     tags = batch_tags(older, settings, NOW)
     assert tags[SOURCE_TAG] == "s" and int(tags[PRIORITY_TAG]) == priority(older, settings, NOW)

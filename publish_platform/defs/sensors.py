@@ -1,6 +1,7 @@
 """The landing sensor: one dynamic partition and one run per ready workflow run."""
 
 import json
+from datetime import UTC, datetime
 
 from dagster import (
     DefaultSensorStatus,
@@ -17,6 +18,7 @@ from publish_platform.defs.jobs import publish_batch
 from publish_platform.defs.partitions import workflow_runs
 from publish_platform.defs.resources import PlatformResource
 from publish_platform.landing import RunListing, discover
+from publish_platform.ordering import cached_profile
 
 MAX_REJECTED_REMEMBERED = 1000
 
@@ -26,6 +28,17 @@ def run_request_for(listing: RunListing) -> RunRequest:
     # One run per partition, ever, from this sensor: re-evaluations cannot launch twice. The
     # source and priority tags come from the job's partitioned config, as for every launch.
     return RunRequest(partition_key=key, run_key=key)
+
+
+def _data_age_key(listing: RunListing) -> tuple[datetime, str]:
+    try:
+        timestamp = cached_profile(listing.run.partition_key).source_timestamp
+    except Exception:  # noqa: BLE001 - ordering is best effort; the run is requested anyway
+        timestamp = None
+    return (
+        timestamp or listing.last_modified or datetime.max.replace(tzinfo=UTC),
+        listing.run.partition_key,
+    )
 
 
 @sensor(
@@ -61,6 +74,8 @@ def landing_sensor(
             skip_reason=f"no new ready run ({len(found.waiting)} settling, {len(known)} known)",
             cursor=new_cursor,
         )
+    # Oldest data first: within a tick, runs are queued in source-timestamp order.
+    found.ready.sort(key=_data_age_key)
     keys = [listing.run.partition_key for listing in found.ready]
     context.log.info(f"{len(keys)} new workflow run(s): {', '.join(keys[:10])}")
     return SensorResult(
