@@ -16,6 +16,7 @@ from publish_platform_tests.support import (
     UPSTREAM_RUN,
     UPSTREAM_SOURCE,
     land,
+    manifest_for,
     upstream_files,
 )
 
@@ -72,3 +73,53 @@ def test_drain_fails_when_a_batch_is_not_publishable(cli, s3, settings: Settings
     assert state["status"] == "QUARANTINED"
     assert "sha256" in state["failure_details"]["message"]
     assert cli("catalog", "dump").stdout == ""  # nothing of it was published
+
+
+def test_a_batch_deleting_60_percent_is_held_until_an_operator_approves(
+    cli, s3, settings: Settings
+) -> None:
+    cli("land", str(UPSTREAM_RUN))
+    cli("drain")
+    shrunk = RunRef("postgres", "pg-local-extract", "55555555-5555-4555-8555-555555555555")
+    files = {k: v for k, v in upstream_files().items() if not k.endswith(".sha256")}
+    columns = files["transformed/column/entities.json"].splitlines(keepends=True)
+    files["transformed/column/entities.json"] = b"".join(columns[:2])  # 23 of 25 columns gone
+    files.pop("transformed/extras-procedure/entities.json")
+    newer = manifest_for(shrunk, source_timestamp="2030-01-01T00:00:00Z")
+    land(s3, settings.landing_location, shrunk, files, newer)
+
+    held = cli("drain", check=False)
+    assert held.returncode == 1
+    assert f"{shrunk.partition_key}: HELD" in held.stdout
+    state = next(
+        s
+        for s in orjson.loads(cli("status", "--json").stdout)
+        if s["partition_key"] == shrunk.partition_key
+    )
+    assert state["status"] == "HELD"
+    assert "deletes 66%" in state["failure_details"]["message"]
+    assert len(cli("catalog", "dump").stdout.splitlines()) == UPSTREAM_ENTITIES  # untouched
+
+    approved = cli(
+        "approve",
+        shrunk.partition_key,
+        "--by",
+        "alice",
+        "--reason",
+        "tables dropped",
+        "--in-process",
+    )
+    assert f"{shrunk.partition_key}: COMPLETE" in approved.stdout
+    assert len(cli("catalog", "dump").stdout.splitlines()) == UPSTREAM_ENTITIES - 25
+    from dagster import AssetKey, DagsterInstance
+
+    instance = DagsterInstance.get()
+    try:
+        plan = instance.get_latest_materialization_event(AssetKey("plan")).asset_materialization
+        assert plan.partition == shrunk.partition_key
+        assert plan.metadata["approved_by"].value == "alice"
+        assert plan.metadata["approval_reason"].value == "tables dropped"
+        runs = instance.get_runs()
+        assert runs[0].tags["publish_platform/approved_by"] == "alice"
+    finally:
+        instance.dispose()
