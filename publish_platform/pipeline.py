@@ -308,7 +308,7 @@ class StalePlanError(StaleStateError):
 
 
 class PlanHeldError(RuntimeError):
-    """A re-computed plan failed a blocking check: the batch waits for an operator."""
+    """The plan to publish fails a blocking check: the batch waits for an operator."""
 
 
 def run_publish(
@@ -353,6 +353,19 @@ def run_publish(
         result.duration_s = time.perf_counter() - started
         return result
 
+    base = state.read_snapshot(source, current)
+    # The blocking checks again, on the stored plan: whatever runs this step (a retry of the
+    # step alone, a re-execution from failure, the CLI), a held plan is never applied unless
+    # the approval recorded with it lets it through.
+    held = blocking_failures(
+        evaluate_checks(plan, base, settings.deletion_threshold_for(source), plan.header.approval)
+    )
+    if held:
+        raise PlanHeldError(
+            f"plan for {partition_key} fails blocking checks: "
+            + "; ".join(c.description for c in held)
+        )
+
     checkpoint = ChunkCheckpoint(state, partition_key, plan.header.plan_id, RESULT_SCHEMA)
     outcome = execute_plan(
         plan.operations,
@@ -362,7 +375,6 @@ def run_publish(
         progress,
         checkpoint,
     )
-    base = state.read_snapshot(source, current)
     snapshot = next_snapshot(base, plan.operations, outcome.results)
     serial = current + 1
     snapshot_key = state.write_snapshot(source, serial, snapshot, plan.header.plan_id)

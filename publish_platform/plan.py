@@ -109,7 +109,11 @@ def build_plan(
 
     upserts, isolated_required = _isolate_missing_required(upserts)
     known = _known_identities(changes, snapshot, deletes, isolated_required)
-    upserts, isolated_dangling = _isolate_dangling(upserts, known, exists)
+    # What the metastore may still have but will not after this plan: never a valid target.
+    doomed = pl.concat(
+        [deletes.select(IDENTITY), isolated_required.select(IDENTITY)], how="vertical"
+    )
+    upserts, isolated_dangling = _isolate_dangling(upserts, known, exists, doomed)
     isolated = pl.concat([isolated_required, isolated_dangling], how="vertical")
 
     rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
@@ -218,11 +222,23 @@ def _references(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _isolate_dangling(
-    upserts: pl.DataFrame, known: pl.DataFrame, exists: ExistsLookup | None
+    upserts: pl.DataFrame,
+    known: pl.DataFrame,
+    exists: ExistsLookup | None,
+    doomed: pl.DataFrame,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Isolate entities whose references resolve nowhere, until nothing new dangles."""
+    """Isolate entities whose references resolve nowhere, until nothing new dangles.
+
+    The metastore is asked only about targets outside batch and snapshot: an entity this plan
+    deletes (or does not publish) may still be in it, but will not be once the plan is applied.
+    """
     refs = _references(upserts)
-    unresolved = refs.select(IDENTITY).unique().join(known, on=IDENTITY, how="anti")
+    unresolved = (
+        refs.select(IDENTITY)
+        .unique()
+        .join(known, on=IDENTITY, how="anti")
+        .join(doomed, on=IDENTITY, how="anti")
+    )
     if exists is not None and unresolved.height:
         found = exists([tuple(r) for r in unresolved.rows()])
         if found:

@@ -67,7 +67,8 @@ def execute_plan(
     outcome = PublishOutcome(results=pl.DataFrame(schema=RESULT_SCHEMA))
     previous = checkpoint.done() if checkpoint is not None else outcome.results
     outcome.resumed = previous.height
-    remaining = operations.join(previous.select("seq"), on="seq", how="anti")
+    # In plan order (parents first): a join keeps row order only when asked to.
+    remaining = operations.join(previous.select("seq"), on="seq", how="anti", maintain_order="left")
     parts = [previous]
     done = previous.height
     total = operations.height

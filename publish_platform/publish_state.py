@@ -172,6 +172,9 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
                 )
         elif event.event_type == event_types.STEP_FAILURE and step_failure is None:
             error = event.step_failure_data.error
+            # Dagster wraps what the step raised: report the platform's own error.
+            if error and error.cls_name == "DagsterExecutionStepExecutionError" and error.cause:
+                error = error.cause
             step_failure = FailureDetails(
                 step=event.step_key,
                 error_type=error.cls_name if error else None,
@@ -229,6 +232,10 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
             message="; ".join(c["message"] for c in failed_checks if c["blocking"]),
             problems=failed_checks,
         )
+    elif step_failure is not None and step_failure.error_type == "PlanHeldError":
+        # Re-planned at publish (the source moved on), the plan now fails a blocking check.
+        state.status = PublishStatus.HELD
+        state.failure_details = step_failure
     elif status == DagsterRunStatus.SUCCESS and "plan" in materialized:
         state.status = PublishStatus.PLAN_COMPLETE
     else:

@@ -81,6 +81,24 @@ def settings(
     )
 
 
+@pytest.fixture
+def state(s3: Any, settings: Settings) -> Any:
+    """The state store in the test's own state bucket."""
+    from publish_platform.state import StateStore
+
+    return StateStore(s3, settings.state_location)
+
+
+@pytest.fixture
+def catalog(settings: Settings) -> Iterator[Any]:
+    """The local catalog of the test's settings (a SQLite file in the test's folder)."""
+    from publish_platform.metastores.sql import SqlCatalog
+
+    catalog = SqlCatalog(settings.metastore_url)
+    yield catalog
+    catalog.close()
+
+
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 

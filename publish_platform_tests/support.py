@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 
-from publish_platform.config import S3Location
+from publish_platform.config import S3Location, Settings
+from publish_platform.entities import references_of
 from publish_platform.landing import RunRef
 
 
@@ -167,3 +168,54 @@ def small_source(source: str = SOURCE) -> list[dict]:
 
 def jsonl(entities: list[dict]) -> bytes:
     return b"".join(orjson.dumps(e) + b"\n" for e in entities)
+
+
+def identity(e: dict) -> tuple[str, str]:
+    return e["typeName"], e["attributes"]["qualifiedName"]
+
+
+def identities(entities: list[dict]) -> set[tuple[str, str]]:
+    return {identity(e) for e in entities}
+
+
+def edges(entities: list[dict]) -> set[tuple[str, str, str, str, str]]:
+    """Reference edges of entities as the catalog reports them:
+    (from type, from qualifiedName, attribute, to type, to qualifiedName)."""
+    return {
+        (*identity(e), r["attribute"], r["type_name"], r["qualified_name"])
+        for e in entities
+        for r in references_of(e["attributes"])
+    }
+
+
+def land_batch(
+    s3: Any,
+    settings: Settings,
+    run: RunRef,
+    entities: list[dict],
+    source: str = SOURCE,
+    **manifest: Any,
+) -> None:
+    """A run folder of synthetic entities, with its completion manifest (``manifest`` overrides
+    fields such as ``source_timestamp`` or ``mode``)."""
+    files = {"transformed/entities/entities.json": jsonl(entities)}
+    land(s3, settings.landing_location, run, files, manifest_for(run, source, **manifest))
+
+
+def run_batch(s3: Any, state: Any, settings: Settings, metastore: Any, run: RunRef, **plan: Any):
+    """Diff, plan (references resolved against ``metastore``) and publish one batch, as the
+    Dagster job does when no check holds it: ``(diff, plan, checks, publish)``."""
+    from publish_platform.pipeline import run_diff, run_plan, run_publish
+
+    key = run.partition_key
+    diff = run_diff(s3, state, settings, key)
+    _, batch_plan, checks = run_plan(state, settings, key, metastore, **plan)
+    result = run_publish(state, settings, metastore, key)
+    return diff, batch_plan, checks, result
+
+
+def catalog_identities(catalog: Any, source: str = SOURCE) -> set[tuple[str, str]]:
+    """Active entities of a source in the catalog; fails on a duplicated identity."""
+    dumped = [identity(e) for e in catalog.dump(source)]
+    assert len(dumped) == len(set(dumped)), "duplicate identity in the catalog"
+    return set(dumped)

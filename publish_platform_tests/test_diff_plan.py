@@ -242,7 +242,8 @@ def reshaped_source() -> tuple[pl.DataFrame, ParsedEntities]:
 
 def test_plan_orders_parents_first_for_upserts_and_children_first_for_deletes():
     snapshot, batch = reshaped_source()
-    plan = build_plan(diff_batch(batch, snapshot, SOURCE, "full"), PK, base_serial=7)
+    diff = diff_batch(batch, snapshot, SOURCE, "full")
+    plan = build_plan(diff, PK, base_serial=7, snapshot=snapshot)
     ops = plan.operations
 
     assert ops["seq"].to_list() == list(range(7))
@@ -260,8 +261,26 @@ def test_plan_orders_parents_first_for_upserts_and_children_first_for_deletes():
     assert header.base_serial == 7 and header.source == SOURCE and header.partition_key == PK
     assert header.batch_entities == 9 and header.snapshot_entities == 8
     assert header.operations == 7
-    assert plan.batch_identities.height == 9
     assert "`default/test/1/db2`" in preview(plan)
+    # Edges: the new db2 subtree adds three, the deleted t2 and its columns take three away.
+    assert (header.relationships_added, header.relationships_removed) == (3, 3)
+    assert header.relationships_repointed == 0
+    assert header.isolated == header.isolated_by_plan == 0
+
+
+def test_plan_id_identifies_the_plan_by_content_and_base_serial():
+    snapshot, batch = reshaped_source()
+    diff = diff_batch(batch, snapshot, SOURCE, "full")
+    plan = build_plan(diff, PK, base_serial=7)
+    assert plan.header.plan_id == build_plan(diff, "other/wf/run", base_serial=7).header.plan_id
+    assert plan.header.plan_id != build_plan(diff, PK, base_serial=8).header.plan_id
+    changed = [
+        entity("Table", "db/s/t1", description="x") if e["attributes"]["name"] == "t1" else e
+        for e in small_source()
+        if "/t2" not in e["attributes"]["qualifiedName"]
+    ]
+    other = build_plan(diff_batch(parse(changed), snapshot, SOURCE, "full"), PK, base_serial=7)
+    assert other.header.plan_id != plan.header.plan_id
 
 
 def test_plan_ranks_every_sql_type_of_the_fixture():
@@ -359,15 +378,21 @@ def test_references_check_reports_dangling_references():
         entity("Column", "db/s/gone/c1"),  # parent never existed: dangling
         *[e for e in small_source() if "/t2" not in e["attributes"]["qualifiedName"]],
     ]
-    plan = build_plan(diff_batch(parse(batch), snapshot, SOURCE, "full"), PK, 1)
+    plan = build_plan(diff_batch(parse(batch), snapshot, SOURCE, "full"), PK, 1, snapshot=snapshot)
+    dangling = [f"{SOURCE}/db/s/gone/c1", f"{SOURCE}/db/s/t2/c3"]
+    # The plan isolates them: they are not planned, the rest of the batch is.
+    assert sorted(plan.isolated["qualified_name"]) == dangling
+    assert set(plan.isolated["reason"]) == {"dangling_reference"}
+    planned = set(plan.operations["qualified_name"])
+    assert f"{SOURCE}/db/s/t1/c3" in planned and not planned.intersection(dangling)
+    assert plan.header.isolated_by_plan == 2
+
     outcome = check_references(plan, snapshot)
     assert not outcome.passed
     assert not outcome.blocking  # reported; the rest of the batch is not held
-    assert outcome.metadata["dangling"] == 2
-    assert sorted(row[0] for row in outcome.metadata["examples"]) == [
-        f"{SOURCE}/db/s/gone/c1",
-        f"{SOURCE}/db/s/t2/c3",
-    ]
+    assert outcome.metadata["isolated_dangling"] == 2
+    assert sorted(row[1] for row in outcome.metadata["examples"]) == dangling
+    assert all(row[2] == "dangling_reference" for row in outcome.metadata["examples"])
 
 
 def test_references_of_the_fixture_all_resolve():
@@ -383,7 +408,18 @@ def test_required_attributes_check():
     del batch[3]["attributes"]["name"]
     batch[4]["attributes"]["name"] = ""
     plan = build_plan(diff_batch(parse(batch), empty_snapshot(), SOURCE, "full"), PK, 0)
+    lacking = {f"{SOURCE}/db/s/t1/c1", f"{SOURCE}/db/s/t1/c2"}
+    assert set(plan.isolated["qualified_name"]) == lacking
+    assert not lacking.intersection(plan.operations["qualified_name"])
+    assert plan.header.creates == 6
+
     outcome = check_required_attributes(plan)
     assert not outcome.passed and not outcome.blocking
-    assert outcome.metadata["missing"] == 2
-    assert all(example[2] == ["name"] for example in outcome.metadata["examples"])
+    assert outcome.metadata["isolated"] == 2
+    assert outcome.metadata["planned_without_required"] == 0
+    assert {example[1] for example in outcome.metadata["examples"]} == lacking
+    assert all(
+        example[2] == "missing_required_attribute"
+        and example[3] == "missing required attribute(s): name"
+        for example in outcome.metadata["examples"]
+    )

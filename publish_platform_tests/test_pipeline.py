@@ -8,8 +8,15 @@ import orjson
 import pytest
 
 from publish_platform.landing import RunRef
-from publish_platform.metastores.sql import SqlCatalog
-from publish_platform.pipeline import read_diff, read_plan, run_diff, run_plan, run_publish
+from publish_platform.pipeline import (
+    StalePlanError,
+    publish_with_replan,
+    read_diff,
+    read_plan,
+    run_diff,
+    run_plan,
+    run_publish,
+)
 from publish_platform.state import StaleStateError, StateStore
 
 from .support import (
@@ -26,18 +33,6 @@ from .support import (
 )
 
 SECOND_RUN = RunRef("postgres", "pg-local-extract", "22222222-2222-4222-8222-222222222222")
-
-
-@pytest.fixture
-def state(s3, settings) -> StateStore:
-    return StateStore(s3, settings.state_location)
-
-
-@pytest.fixture
-def catalog(settings):
-    catalog = SqlCatalog(settings.metastore_url)
-    yield catalog
-    catalog.close()
 
 
 def resynced_run() -> dict[str, bytes]:
@@ -134,8 +129,9 @@ def test_publishing_a_plan_with_a_stale_base_serial_is_refused(s3, state, settin
     assert run_publish(state, settings, catalog, UPSTREAM_REF.partition_key).serial == 1
     versions = catalog.versions()
 
-    with pytest.raises(StaleStateError, match="computed against serial 0"):
+    with pytest.raises(StalePlanError, match="computed against serial 0"):
         run_publish(state, settings, catalog, SECOND_RUN.partition_key)
+    assert issubclass(StalePlanError, StaleStateError)
     assert catalog.versions() == versions
     assert state.current_serial(UPSTREAM_SOURCE) == 1
 
@@ -144,6 +140,59 @@ def test_publishing_a_plan_with_a_stale_base_serial_is_refused(s3, state, settin
     assert diff.base_serial == 1 and (diff.creates, diff.updates) == (0, 1)
     assert result.outcome == "published" and result.serial == 2 and result.succeeded == 1
     assert sum(catalog.versions().values()) == sum(versions.values()) + 1
+
+
+def test_publish_with_replan_replans_a_stale_plan_and_publishes_it(s3, state, settings, catalog):
+    landing = settings.landing_location
+    land(s3, landing, UPSTREAM_REF, upstream_files())
+    changed = upstream_data()
+    table_key = "transformed/table/entities.json"
+    changed[table_key] = changed[table_key].replace(b'"description":null', b'"description":"x"', 1)
+    land(s3, landing, SECOND_RUN, with_sidecars(changed))
+    for run in (UPSTREAM_REF, SECOND_RUN):  # both planned against serial 0: 38 creates each
+        run_diff(s3, state, settings, run.partition_key)
+        run_plan(state, settings, run.partition_key)
+    stale_id = read_plan(state, SECOND_RUN.partition_key).header.plan_id
+    run_publish(state, settings, catalog, UPSTREAM_REF.partition_key)
+    versions = catalog.versions()
+
+    result = publish_with_replan(s3, state, settings, catalog, SECOND_RUN.partition_key)
+
+    assert result.replanned and result.outcome == "published"
+    assert (result.serial, result.operations, result.succeeded) == (2, 1, 1)
+    replanned = read_plan(state, SECOND_RUN.partition_key).header
+    assert replanned.base_serial == 1 and replanned.updates == 1 and replanned.creates == 0
+    assert replanned.plan_id != stale_id
+    assert read_diff(state, SECOND_RUN.partition_key)[0].base_serial == 1
+    changed_table = [k for k, v in catalog.versions().items() if v != versions[k]]
+    assert len(changed_table) == 1 and catalog.versions()[changed_table[0]] == 2
+    dumped = {e["attributes"]["qualifiedName"]: e for e in catalog.dump(UPSTREAM_SOURCE)}
+    assert dumped[changed_table[0][1]]["attributes"]["description"] == "x"
+    assert [p.serial for p in state.history(UPSTREAM_SOURCE)] == [1, 2]
+    # Not stale any more: publishing again is refused as stale, re-planned, and finds nothing.
+    again = publish_with_replan(s3, state, settings, catalog, SECOND_RUN.partition_key)
+    assert again.replanned and again.outcome == "nothing_to_publish" and again.serial == 2
+
+
+def test_history_keeps_older_snapshots_readable(s3, state, settings, catalog):
+    landing = settings.landing_location
+    land(s3, landing, UPSTREAM_REF, upstream_files())
+    publish(s3, state, settings, catalog, UPSTREAM_REF.partition_key)
+    first = state.read_snapshot(UPSTREAM_SOURCE, 1)
+    data = upstream_data()
+    columns = data["transformed/column/entities.json"].splitlines()
+    data["transformed/column/entities.json"] = b"\n".join(columns[:-1]) + b"\n"
+    land(s3, landing, SECOND_RUN, with_sidecars(data))
+    publish(s3, state, settings, catalog, SECOND_RUN.partition_key)
+
+    history = state.history(UPSTREAM_SOURCE)
+    assert [(p.serial, p.partition_key, p.entities) for p in history] == [
+        (1, UPSTREAM_REF.partition_key, 38),
+        (2, SECOND_RUN.partition_key, 37),
+    ]
+    assert state.current_serial(UPSTREAM_SOURCE) == 2
+    assert state.read_snapshot(UPSTREAM_SOURCE, 1).equals(first)
+    assert state.read_snapshot(UPSTREAM_SOURCE, 2).height == 37
 
 
 def test_deletes_and_updates_flow_through_to_the_catalog(s3, state, settings, catalog):
@@ -264,7 +313,7 @@ def test_publish_retried_after_a_crash_before_the_pointer_moved(
     land(s3, settings.landing_location, UPSTREAM_REF, upstream_files())
     key = UPSTREAM_REF.partition_key
     run_diff(s3, state, settings, key)
-    run_plan(state, settings, key)
+    _, plan, _ = run_plan(state, settings, key)
 
     def lost(*args, **kwargs):
         raise ConnectionError("connection reset while writing pointer.json")
@@ -274,10 +323,14 @@ def test_publish_retried_after_a_crash_before_the_pointer_moved(
         run_publish(state, settings, catalog, key)
     monkeypatch.undo()
     assert state.current_serial(UPSTREAM_SOURCE) == 0
-    assert state.get_bytes(state.snapshot_key(UPSTREAM_SOURCE, 1)) is not None  # orphaned
+    candidate = state.snapshot_key(UPSTREAM_SOURCE, 1, plan.header.plan_id)
+    assert state.get_bytes(candidate) is not None  # orphaned
 
     result = run_publish(state, settings, catalog, key)
 
     assert result.outcome == "published" and result.serial == 1
+    assert result.resumed == 38  # every chunk was checkpointed: nothing is applied twice
+    assert set(catalog.versions().values()) == {1}
     assert state.current_serial(UPSTREAM_SOURCE) == 1
+    assert state.read_pointer(UPSTREAM_SOURCE)[0].snapshot_key == candidate
     assert len(list(catalog.dump(UPSTREAM_SOURCE))) == 38

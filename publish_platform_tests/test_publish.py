@@ -13,7 +13,7 @@ from publish_platform.entities import parse_files
 from publish_platform.metastores.base import EntityWrite, Identity, WriteResult
 from publish_platform.metastores.sql import SqlCatalog
 from publish_platform.plan import build_plan
-from publish_platform.publish import execute_plan, next_snapshot
+from publish_platform.publish import RESULT_SCHEMA, execute_plan, next_snapshot
 from publish_platform.state import SNAPSHOT_SCHEMA, empty_snapshot
 
 from .support import UPSTREAM_SOURCE, VOLATILE, jsonl, upstream_data, upstream_entities
@@ -202,3 +202,62 @@ def test_purge_removes_and_archive_hides(catalog):
     assert outcome.failed == 0
     assert len(list(catalog.dump(UPSTREAM_SOURCE))) == 13
     assert len(catalog.versions(UPSTREAM_SOURCE)) == 13  # purged rows are gone entirely
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing in the publish path may catch it."""
+
+
+class MemoryCheckpoint:
+    def __init__(self) -> None:
+        self.parts: list[pl.DataFrame] = []
+
+    def done(self) -> pl.DataFrame:
+        return pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *self.parts])
+
+    def record(self, results: pl.DataFrame) -> None:
+        self.parts.append(results)
+
+
+class RecordingMetastore(PoisonMetastore):
+    """Records what it applied, in order; dies at the given upsert call."""
+
+    def __init__(self, catalog: SqlCatalog, poison: set[str], die_at: int | None = None) -> None:
+        super().__init__(catalog, poison)
+        self.applied: list[str] = []
+        self.die_at = die_at
+
+    def upsert(self, entities: Sequence[EntityWrite]) -> list[WriteResult]:
+        if self.die_at is not None and len(self.calls) == self.die_at:
+            raise Killed()
+        results = super().upsert(entities)
+        self.applied.extend(e.qualified_name for e in entities)
+        return results
+
+
+def test_an_interrupted_execution_resumes_in_plan_order_from_its_checkpoint(catalog):
+    plan = first_plan()
+    checkpoint = MemoryCheckpoint()
+    poison = qn("sales/orders/amount")
+    dying = RecordingMetastore(catalog, {poison}, die_at=3)
+    with pytest.raises(Killed):
+        execute_plan(plan.operations, dying, chunk_size=8, checkpoint=checkpoint)
+    recorded = checkpoint.done()
+    assert len(checkpoint.parts) == 2 and recorded.height == 16
+    assert recorded.filter(~pl.col("ok")).height == 0
+
+    resumed = RecordingMetastore(catalog, {poison})
+    outcome = execute_plan(plan.operations, resumed, chunk_size=8, checkpoint=checkpoint)
+
+    assert outcome.resumed == 16
+    order = plan.operations["qualified_name"].to_list()
+    assert resumed.applied == [q for q in order[16:] if q != poison]  # the rest, in order
+    assert outcome.results["seq"].to_list() == plan.operations["seq"].to_list()
+    assert (outcome.succeeded, outcome.failed) == (37, 1)
+    assert checkpoint.done().height == 38
+
+    # Everything recorded, the failure included: a third run applies nothing.
+    again = RecordingMetastore(catalog, set())
+    final = execute_plan(plan.operations, again, chunk_size=8, checkpoint=checkpoint)
+    assert again.applied == [] and final.resumed == 38 and final.failed == 1
+    assert final.results.equals(outcome.results)

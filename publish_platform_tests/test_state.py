@@ -38,27 +38,54 @@ def store(s3, settings) -> StateStore:
     return StateStore(s3, settings.state_location)
 
 
-def pointer(serial: int, source: str = SOURCE) -> Pointer:
+def pointer(serial: int, source: str = SOURCE, snapshot_key: str | None = None) -> Pointer:
     return Pointer(
         source=source,
         serial=serial,
-        snapshot_key=f"snapshots/{serial}",
+        snapshot_key=snapshot_key or f"snapshots/{serial}",
         partition_key=f"app/wf/run-{serial}",
         published_at=datetime.now(UTC),
         entities=serial,
     )
 
 
-def test_snapshot_round_trip_and_immutability(store):
-    key = store.write_snapshot(SOURCE, 1, SNAPSHOT)
-    assert key.endswith("/snapshots/000000000001.parquet")
+def test_snapshot_candidates_are_immutable_and_the_pointer_commits_one(store):
+    key = store.write_snapshot(SOURCE, 1, SNAPSHOT, "plan-a")
+    assert key.endswith("/snapshots/000000000001-plan-a.parquet")
+    assert store.get_frame(key).equals(SNAPSHOT)
+
+    with pytest.raises(StaleStateError, match="exists with other content"):
+        store.write_snapshot(SOURCE, 1, SNAPSHOT.head(1), "plan-a")
+    assert store.get_frame(key).equals(SNAPSHOT)  # the first write stands
+    # The very same snapshot again is a retry of the same publish, not a competitor.
+    assert store.write_snapshot(SOURCE, 1, SNAPSHOT, "plan-a") == key
+    # Another plan racing for the same serial writes a candidate of its own.
+    other = store.write_snapshot(SOURCE, 1, SNAPSHOT.head(1), "plan-b")
+    assert other != key
+
+    # Nothing is committed until the pointer says so; then serial 1 is plan-a's candidate.
+    with pytest.raises(FileNotFoundError):
+        store.read_snapshot(SOURCE, 1)
+    store.advance_pointer(pointer(1, snapshot_key=key), expected_serial=0)
+    assert store.snapshot_key_of(SOURCE, 1) == key
     assert store.read_snapshot(SOURCE, 1).equals(SNAPSHOT)
 
-    with pytest.raises(StaleStateError, match="already exists"):
-        store.write_snapshot(SOURCE, 1, SNAPSHOT.head(1))
-    assert store.read_snapshot(SOURCE, 1).equals(SNAPSHOT)  # the first write stands
-    # The very same snapshot again is a retry of the same publish, not a competitor.
-    assert store.write_snapshot(SOURCE, 1, SNAPSHOT) == key
+
+def test_history_keeps_every_committed_serial_readable(store):
+    first = store.write_snapshot(SOURCE, 1, SNAPSHOT, "p1")
+    store.advance_pointer(pointer(1, snapshot_key=first), expected_serial=0)
+    second = store.write_snapshot(SOURCE, 2, SNAPSHOT.head(1), "p2")
+    store.advance_pointer(pointer(2, snapshot_key=second), expected_serial=1)
+
+    history = store.history(SOURCE)
+    assert [(p.serial, p.snapshot_key) for p in history] == [(1, first), (2, second)]
+    assert [p.partition_key for p in history] == ["app/wf/run-1", "app/wf/run-2"]
+    # The older serial stays readable after a newer one is current.
+    assert store.read_snapshot(SOURCE, 1).equals(SNAPSHOT)
+    assert store.read_snapshot(SOURCE, 2).equals(SNAPSHOT.head(1))
+    with pytest.raises(FileNotFoundError, match="no committed snapshot 3"):
+        store.read_snapshot(SOURCE, 3)
+    assert store.history("default/never/1") == []
 
 
 def test_serial_zero_is_the_empty_snapshot(store):
@@ -117,7 +144,9 @@ def test_source_segment_cannot_escape_its_prefix(source, store):
     assert "." not in segment  # so never '.' or '..'
     assert store.location.prefix == ""
     assert store.source_key(source, "pointer.json") == f"sources/{segment}/pointer.json"
-    assert store.snapshot_key(source, 3) == f"sources/{segment}/snapshots/000000000003.parquet"
+    prefix = f"sources/{segment}/"
+    assert store.snapshot_key(source, 3, "p") == prefix + "snapshots/000000000003-p.parquet"
+    assert store.history_key(source, 3) == prefix + "history/000000000003.json"
 
 
 def test_source_segments_are_distinct_and_reversible(store):
@@ -140,10 +169,36 @@ def test_state_under_a_prefix(s3, settings):
 
     location = S3Location.parse(f"s3://{settings.state_location.bucket}/env/prod")
     store = StateStore(s3, location)
-    store.write_snapshot(SOURCE, 1, SNAPSHOT)
-    store.advance_pointer(pointer(1), expected_serial=0)
+    key = store.write_snapshot(SOURCE, 1, SNAPSHOT, "p1")
+    store.advance_pointer(pointer(1, snapshot_key=key), expected_serial=0)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=location.bucket)["Contents"]]
-    assert keys and all(k.startswith("env/prod/sources/") for k in keys)
+    assert len(keys) == 3  # snapshot, pointer, history entry
+    assert all(k.startswith("env/prod/sources/") for k in keys)
     assert store.list_sources() == [SOURCE]
+    assert store.read_snapshot(SOURCE, 1).equals(SNAPSHOT)
     with pytest.raises(ValueError):
         S3Location.parse("s3://bucket/../other")
+
+
+def test_a_history_entry_lost_to_a_crash_is_written_by_the_next_commit(store, monkeypatch):
+    store.advance_pointer(pointer(1), expected_serial=0)
+    real = StateStore._record_history
+    calls: list[int] = []
+
+    def crash_after_commit(self, entry):
+        calls.append(entry.serial)
+        if entry.serial == 2:
+            raise ConnectionError("killed right after the pointer moved")
+        real(self, entry)
+
+    monkeypatch.setattr(StateStore, "_record_history", crash_after_commit)
+    with pytest.raises(ConnectionError):
+        store.advance_pointer(pointer(2), expected_serial=1)
+    monkeypatch.undo()
+    assert calls == [1, 2] and store.current_serial(SOURCE) == 2
+    assert store.get_bytes(store.history_key(SOURCE, 2)) is None
+    assert [p.serial for p in store.history(SOURCE)] == [1, 2]  # the pointer stands in
+
+    store.advance_pointer(pointer(3), expected_serial=2)
+    assert store.get_bytes(store.history_key(SOURCE, 2)) is not None
+    assert [p.serial for p in store.history(SOURCE)] == [1, 2, 3]
