@@ -98,6 +98,14 @@ class Settings(BaseSettings):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
 
+    @field_validator("deletion_thresholds")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {source: share for source, share in value.items() if not 0 <= share <= 1}
+        if bad:
+            raise ValueError(f"deletion thresholds must be shares between 0 and 1: {bad}")
+        return value
+
     @field_validator("landing", "state")
     @classmethod
     def _valid_s3_url(cls, value: str) -> str:

@@ -88,6 +88,15 @@ def partition_key_of(run_folder: Path) -> str:
     return f"{run_folder.parents[2].name}/{run_folder.parent.name}/{run_folder.name}"
 
 
+def _parent_of(column: dict) -> str | None:
+    """The qualifiedName of the table or view a column belongs to."""
+    for attribute in ("table", "view", "materialisedView", "tablePartition"):
+        ref = column["attributes"].get(attribute)
+        if isinstance(ref, dict):
+            return ref.get("uniqueAttributes", {}).get("qualifiedName")
+    return None
+
+
 def changed_run(root: Path, fixtures: Path | None = None, run_id: str | None = None) -> DemoRun:
     """The fixture's source, extracted again: one table dropped, one added, two changed.
 
@@ -104,12 +113,7 @@ def changed_run(root: Path, fixtures: Path | None = None, run_id: str | None = N
     tables = files["table"]
     dropped = tables[-1]["attributes"]["qualifiedName"]
     files["table"] = [t for t in tables if t["attributes"]["qualifiedName"] != dropped]
-    files["column"] = [
-        c
-        for c in files["column"]
-        if (c["attributes"].get("table") or {}).get("uniqueAttributes", {}).get("qualifiedName")
-        != dropped
-    ]
+    files["column"] = [c for c in files["column"] if _parent_of(c) != dropped]
     for table in files["table"][:2]:
         table["attributes"]["description"] = f"Changed by the demo at {now_ms}"
     template = files["table"][0]

@@ -267,6 +267,8 @@ def run_plan(
     plan.header.isolated += diff_isolated
     threshold = settings.deletion_threshold_for(source)
     plan.header.deletion_threshold = threshold
+    if approval is not None and approval.deletes is None:
+        approval = approval.model_copy(update={"deletes": plan.header.deletes})
     checks = evaluate_checks(plan, snapshot, threshold, approval)
     if approval is not None and any(
         c.name == "deletion_safety" and "approved_by" in c.metadata for c in checks
@@ -350,6 +352,7 @@ def run_publish(
     result.serial = current
     if plan.operations.height == 0:
         result.outcome = "nothing_to_publish"
+        _advance_watermark(state, found_pointer(state, source), plan, partition_key)
         result.duration_s = time.perf_counter() - started
         return result
 
@@ -405,6 +408,35 @@ def run_publish(
     )
     result.duration_s = time.perf_counter() - started
     return result
+
+
+def found_pointer(state: StateStore, source: str) -> Pointer | None:
+    found = state.read_pointer(source)
+    return found[0] if found else None
+
+
+def _advance_watermark(
+    state: StateStore, current: Pointer | None, plan: Plan, partition_key: str
+) -> None:
+    """A batch with nothing to change still proves the source's state as of its timestamp:
+    commit that (same snapshot, next serial), so that older batches landing later are
+    superseded. Zero metastore writes; one state-store commit."""
+    stamp = plan.header.source_timestamp
+    if current is None or stamp is None:
+        return
+    if current.source_timestamp is not None and _utc(stamp) <= _utc(current.source_timestamp):
+        return
+    state.advance_pointer(
+        current.model_copy(
+            update={
+                "serial": current.serial + 1,
+                "partition_key": partition_key,
+                "source_timestamp": stamp,
+                "published_at": datetime.now(UTC),
+            }
+        ),
+        expected_serial=current.serial,
+    )
 
 
 def publish_with_replan(

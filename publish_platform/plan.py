@@ -46,6 +46,9 @@ class Approval(BaseModel):
     approved_by: str = Field(min_length=1)
     reason: str = ""
     approved_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # How many deletions were approved (set from the plan the operator saw): a re-plan that
+    # deletes more is held again.
+    deletes: int | None = None
 
 
 class PlanHeader(BaseModel):
@@ -395,8 +398,18 @@ def check_deletion_safety(
             f" {threshold:.0%}",
             metadata,
         )
+    if approval is not None and approval.deletes is not None and header.deletes > approval.deletes:
+        return CheckOutcome(
+            "deletion_safety",
+            False,
+            True,
+            f"{problem}: approved by {approval.approved_by} for {approval.deletes} deletions,"
+            f" but the plan now deletes {header.deletes}: held again",
+            metadata,
+        )
     if approval is not None:
         metadata.update(
+            approved_deletes=header.deletes,
             approved_by=approval.approved_by,
             approval_reason=approval.reason,
             approved_at=approval.approved_at.isoformat(),

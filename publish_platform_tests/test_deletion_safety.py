@@ -140,9 +140,6 @@ def test_thresholds_are_configured_from_the_environment(monkeypatch):
         load_settings()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="config.py: per-source deletion_thresholds are not bounded to 0..1"
-)
 def test_a_per_source_threshold_out_of_range_is_refused(monkeypatch):
     monkeypatch.setenv("PUBLISH_PLATFORM_DELETION_THRESHOLDS", json.dumps({SOURCE: -0.1}))
     with pytest.raises(ValueError):
@@ -283,3 +280,27 @@ def test_approval_needs_an_approver():
     assert (approval.approved_by, approval.reason) == ("alice", "r")
     with pytest.raises(Failure, match="approve_deletions needs approved_by"):
         PlanConfig(approve_deletions=True).approval()
+
+
+def test_an_approval_covers_only_the_deletions_approved(s3, state, settings, catalog):
+    """Approved for 6 deletions, a re-plan that deletes more is held again; as many passes."""
+    land_batch(s3, settings, FIRST, ten(), source_timestamp="2026-01-01T00:00:00Z")
+    run_batch(s3, state, settings, catalog, FIRST)
+    key = THIRD.partition_key
+    land_batch(
+        s3,
+        settings,
+        THIRD,
+        without_tables(ten(), "t1", "t2", "t3"),
+        source_timestamp="2026-01-03T00:00:00Z",
+    )
+    run_diff(s3, state, settings, key)
+    _, plan, checks = run_plan(state, settings, key, catalog, Approval(approved_by="carol"))
+    approved = next(c for c in checks if c.name == "deletion_safety")
+    assert approved.passed and plan.header.approval.deletes == plan.header.deletes
+
+    bigger = plan.header.approval.model_copy(update={"deletes": plan.header.deletes - 1})
+    _, _, checks = run_plan(state, settings, key, catalog, bigger)
+    held = next(c for c in checks if c.name == "deletion_safety")
+    assert not held.passed
+    assert f"the plan now deletes {plan.header.deletes}: held again" in held.description

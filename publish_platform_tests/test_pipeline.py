@@ -110,8 +110,10 @@ def test_unchanged_second_landing_writes_nothing(s3, state, settings, catalog):
     assert all(check.passed for check in checks)
     assert result.outcome == "nothing_to_publish" and result.serial == 1
     assert catalog.versions() == versions  # not a single metastore write
+    # Only the source's data-age watermark moves: a new serial on the very same snapshot.
     pointer, _ = state.read_pointer(UPSTREAM_SOURCE)
-    assert pointer.serial == 1 and pointer.partition_key == UPSTREAM_REF.partition_key
+    assert pointer.serial == 2 and pointer.partition_key == SECOND_RUN.partition_key
+    assert pointer.snapshot_key == state.snapshot_key_of(UPSTREAM_SOURCE, 1)
     assert state.read_snapshot(UPSTREAM_SOURCE, 1).equals(snapshot)
 
 

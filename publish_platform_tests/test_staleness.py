@@ -143,11 +143,6 @@ def test_batches_in_order_both_publish(landed, s3, state, settings, catalog):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.run_publish: a newer batch with nothing to publish leaves the pointer's"
-    " source_timestamp behind, so an older batch landing after it is not superseded",
-)
 def test_an_older_batch_is_superseded_by_a_newer_one_that_changed_nothing(
     s3, state, settings, catalog
 ):
