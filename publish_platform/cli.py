@@ -18,6 +18,8 @@ import orjson
 
 from publish_platform.config import Settings, load_settings
 
+REQUEUE_PRIORITY_BOOST = 100_000  # a requeued batch goes ahead of everything queued
+
 
 def _dagster_home(settings: Settings) -> Path:
     home = os.environ.get("DAGSTER_HOME")
@@ -104,11 +106,20 @@ def _counts(state: Any) -> str:
 # --- status ----------------------------------------------------------------------------------
 
 
+def _dead_letters(settings: Settings) -> Any:
+    from publish_platform.dead_letters import DeadLetterQueue
+    from publish_platform.local_s3 import s3_client
+    from publish_platform.state import StateStore
+
+    return DeadLetterQueue(StateStore(s3_client(), settings.state_location))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from publish_platform.publish_state import derive_states
 
     settings = load_settings()
-    states = derive_states(_instance(settings), settings.landing)
+    dead = {e.partition_key: e.last_run_id for e in _dead_letters(settings).list()}
+    states = derive_states(_instance(settings), settings.landing, dead_letters=dead)
     states.sort(key=lambda s: (s.created_at is None, s.created_at or 0, s.partition_key))
     if args.json:
         sys.stdout.write(
@@ -215,6 +226,96 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _run_and_report(args, instance, run_id)
 
 
+# --- dead-letter queue and queue control --------------------------------------------------
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    entries = _dead_letters(load_settings()).list(include_closed=args.all)
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps(
+                [e.model_dump(mode="json") for e in entries], option=orjson.OPT_INDENT_2
+            ).decode()
+            + "\n"
+        )
+        return 0
+    for entry in entries:
+        print(
+            f"{entry.partition_key}  {entry.state}  {entry.source or '-'}"
+            f"  {entry.dead_lettered_at:%Y-%m-%d %H:%M:%S}  attempts={len(entry.history)}"
+            f"  {entry.reason[:120]}"
+        )
+    if not entries:
+        print("the dead-letter queue is empty")
+    return 0
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    entry = _dead_letters(load_settings()).get(args.partition)
+    if entry is None:
+        print(f"{args.partition} is not in the dead-letter queue", file=sys.stderr)
+        return 2
+    sys.stdout.write(entry.model_dump_json(indent=2) + "\n")
+    return 0
+
+
+def cmd_dlq_requeue(args: argparse.Namespace) -> int:
+    """Launch the batch again through the queue, ahead of the rest, and record the requeue."""
+    from publish_platform.launch import launch
+    from publish_platform.ordering import PRIORITY_TAG, tags_for_partition
+
+    settings = load_settings()
+    queue = _dead_letters(settings)
+    entry = queue.get(args.partition)
+    if entry is None or entry.state != "dead":
+        print(f"{args.partition} is not waiting in the dead-letter queue", file=sys.stderr)
+        return 2
+    instance = _instance(settings)
+    raised = int(tags_for_partition(args.partition)[PRIORITY_TAG]) + REQUEUE_PRIORITY_BOOST
+    run_id = launch(
+        instance,
+        "publish_batch",
+        {},
+        {PRIORITY_TAG: str(raised), "publish_platform/requeued": "dlq"},
+        args.partition,
+        in_process=args.in_process,
+    )
+    queue.mark_requeued(args.partition, run_id)
+    return _run_and_report(args, instance, run_id)
+
+
+def cmd_dlq_drop(args: argparse.Namespace) -> int:
+    try:
+        entry = _dead_letters(load_settings()).drop(args.partition, args.by, args.reason)
+    except KeyError as exc:
+        print(exc.args[0], file=sys.stderr)
+        return 2
+    print(f"dropped {entry.partition_key} (by {entry.dropped_by}: {entry.drop_reason})")
+    return 0
+
+
+def cmd_prioritize(args: argparse.Namespace) -> int:
+    """Change the priority of a batch's queued run(s)."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    from publish_platform.ordering import PRIORITY_TAG
+
+    instance = _instance(load_settings())
+    queued = instance.get_runs(
+        RunsFilter(
+            tags={"dagster/partition": args.partition},
+            statuses=[DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED],
+        )
+    )
+    if not queued:
+        print(f"no queued run of {args.partition}", file=sys.stderr)
+        return 2
+    for run in queued:
+        instance.add_run_tags(run.run_id, {PRIORITY_TAG: str(args.priority)})
+        print(f"run {run.run_id}: priority {args.priority}")
+    return 0
+
+
 # --- catalog ---------------------------------------------------------------------------------
 
 
@@ -302,6 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="")
     launch_options(rollback)
     rollback.set_defaults(func=cmd_rollback)
+
+    dlq = commands.add_parser("dlq", help="the dead-letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_commands.add_parser("list", help="batches that exhausted the retry tiers")
+    dlq_list.add_argument("--json", action="store_true")
+    dlq_list.add_argument("--all", action="store_true", help="also requeued and dropped ones")
+    dlq_list.set_defaults(func=cmd_dlq_list)
+    dlq_show = dlq_commands.add_parser("show", help="an entry with its full retry history")
+    dlq_show.add_argument("partition")
+    dlq_show.set_defaults(func=cmd_dlq_show)
+    dlq_requeue = dlq_commands.add_parser("requeue", help="run it again, at raised priority")
+    dlq_requeue.add_argument("partition")
+    launch_options(dlq_requeue)
+    dlq_requeue.set_defaults(func=cmd_dlq_requeue)
+    dlq_drop = dlq_commands.add_parser("drop", help="give up on it, recording why")
+    dlq_drop.add_argument("partition")
+    dlq_drop.add_argument("--reason", required=True)
+    dlq_drop.add_argument("--by", default=os.environ.get("USER", "operator"))
+    dlq_drop.set_defaults(func=cmd_dlq_drop)
+
+    prioritize = commands.add_parser("prioritize", help="set the priority of a queued batch")
+    prioritize.add_argument("partition")
+    prioritize.add_argument("priority", type=int)
+    prioritize.set_defaults(func=cmd_prioritize)
 
     catalog = commands.add_parser("catalog", help="the configured metastore")
     catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)

@@ -30,7 +30,14 @@ from publish_platform.plan import (
     build_plan,
     evaluate_checks,
 )
-from publish_platform.publish import RESULT_SCHEMA, Progress, execute_plan, next_snapshot
+from publish_platform.publish import (
+    RESULT_SCHEMA,
+    Progress,
+    RetryObserver,
+    execute_plan,
+    next_snapshot,
+)
+from publish_platform.retries import retry_tiers
 from publish_platform.state import (
     ChunkCheckpoint,
     Pointer,
@@ -77,6 +84,7 @@ class PublishSummary(BaseModel):
     source: str | None = None
     replanned: bool = False
     resumed: int = 0
+    immediate_retries: int = 0
     serial: int | None = None
     snapshot_key: str | None = None
     operations: int = 0
@@ -319,6 +327,7 @@ def run_publish(
     metastore: Metastore,
     partition_key: str,
     progress: Progress | None = None,
+    on_retry: RetryObserver | None = None,
 ) -> PublishSummary:
     """Apply the stored plan, then write the next snapshot and advance the pointer (CAS).
 
@@ -377,6 +386,8 @@ def run_publish(
         settings.purge_deletes,
         progress,
         checkpoint,
+        retry_tiers(),
+        on_retry,
     )
     snapshot = next_snapshot(base, plan.operations, outcome.results)
     serial = current + 1
@@ -402,6 +413,7 @@ def run_publish(
     result.requests = outcome.requests
     result.split_chunks = outcome.split_chunks
     result.resumed = outcome.resumed
+    result.immediate_retries = outcome.immediate_retries
     result.snapshot_entities = snapshot.height
     result.failures_preview = (
         failed.select("type_name", "qualified_name", "error").head(ISSUE_PREVIEW).to_dicts()
@@ -447,10 +459,11 @@ def publish_with_replan(
     partition_key: str,
     progress: Progress | None = None,
     approval: Approval | None = None,
+    on_retry: RetryObserver | None = None,
 ) -> PublishSummary:
     """Publish; a plan gone stale (its source moved on) is refused, re-planned and re-checked."""
     try:
-        return run_publish(state, settings, metastore, partition_key, progress)
+        return run_publish(state, settings, metastore, partition_key, progress, on_retry)
     except StalePlanError:
         previous = read_diff(state, partition_key)[0]
         approval = approval or read_plan(state, partition_key).header.approval
@@ -462,6 +475,6 @@ def publish_with_replan(
                 "re-planned against the current snapshot, the plan fails blocking checks: "
                 + "; ".join(c.description for c in held)
             ) from None
-        result = run_publish(state, settings, metastore, partition_key, progress)
+        result = run_publish(state, settings, metastore, partition_key, progress, on_retry)
         result.replanned = True
         return result

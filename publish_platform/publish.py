@@ -15,7 +15,14 @@ from typing import Protocol
 import orjson
 import polars as pl
 
-from publish_platform.metastores.base import EntityWrite, Identity, Metastore, WriteResult
+from publish_platform.metastores.base import (
+    EntityWrite,
+    Identity,
+    Metastore,
+    TransientMetastoreError,
+    WriteResult,
+)
+from publish_platform.retries import RetryTiers, with_immediate_retries
 from publish_platform.state import SNAPSHOT_SCHEMA
 
 RESULT_SCHEMA = {
@@ -26,6 +33,7 @@ RESULT_SCHEMA = {
 }
 
 Progress = Callable[[int, int], None]
+RetryObserver = Callable[[int, Exception], None]
 
 
 @dataclass
@@ -34,6 +42,7 @@ class PublishOutcome:
     requests: int = 0
     split_chunks: int = 0
     resumed: int = 0  # operations already applied by an earlier, interrupted attempt
+    immediate_retries: int = 0  # tier 1: chunks retried in-step after a transient error
     duration_s: float = 0.0
     errors: list[dict] = field(default_factory=list)
 
@@ -61,6 +70,8 @@ def execute_plan(
     purge: bool = False,
     progress: Progress | None = None,
     checkpoint: Checkpoint | None = None,
+    tiers: RetryTiers | None = None,
+    on_retry: RetryObserver | None = None,
 ) -> PublishOutcome:
     """Apply every operation not already recorded in ``checkpoint``; return all results."""
     started = time.perf_counter()
@@ -74,7 +85,9 @@ def execute_plan(
     total = operations.height
     for chunk in _chunks(remaining, chunk_size):
         rows = []
-        for seq, result in _apply_isolating(chunk, metastore, purge, outcome):
+        for seq, result in _apply_isolating(
+            chunk, metastore, purge, outcome, tiers or RetryTiers(), on_retry
+        ):
             rows.append((seq, result.ok, result.guid, result.error))
             if not result.ok:
                 outcome.errors.append(
@@ -112,11 +125,24 @@ def _chunks(operations: pl.DataFrame, chunk_size: int) -> Iterator[list[dict]]:
 
 
 def _apply_isolating(
-    chunk: list[dict], metastore: Metastore, purge: bool, outcome: PublishOutcome
+    chunk: list[dict],
+    metastore: Metastore,
+    purge: bool,
+    outcome: PublishOutcome,
+    tiers: RetryTiers,
+    on_retry: RetryObserver | None,
 ) -> Iterator[tuple[int, WriteResult]]:
+    def retried(attempt: int, exc: Exception) -> None:
+        outcome.requests += 1
+        outcome.immediate_retries += 1
+        if on_retry is not None:
+            on_retry(attempt, exc)
+
     outcome.requests += 1
     try:
-        results = _apply(chunk, metastore, purge)
+        results = with_immediate_retries(lambda: _apply(chunk, metastore, purge), tiers, retried)
+    except TransientMetastoreError:
+        raise  # the metastore, not this chunk, is failing: splitting would not help (tier 2)
     except Exception as exc:  # noqa: BLE001 - any failure of a chunk is isolated, then reported
         if len(chunk) == 1:
             row = chunk[0]
@@ -128,8 +154,8 @@ def _apply_isolating(
             return
         outcome.split_chunks += 1
         middle = len(chunk) // 2
-        yield from _apply_isolating(chunk[:middle], metastore, purge, outcome)
-        yield from _apply_isolating(chunk[middle:], metastore, purge, outcome)
+        yield from _apply_isolating(chunk[:middle], metastore, purge, outcome, tiers, on_retry)
+        yield from _apply_isolating(chunk[middle:], metastore, purge, outcome, tiers, on_retry)
         return
     for row, result in zip(chunk, results, strict=True):
         yield row["seq"], result

@@ -93,8 +93,13 @@ def derive_states(
     landing_url: str,
     partition_keys: Iterable[str] | None = None,
     job_name: str = "publish_batch",
+    dead_letters: dict[str, str] | None = None,
 ) -> list[PublishState]:
-    """One PublishState per partition of the ``workflow_runs`` partitions definition."""
+    """One PublishState per partition of the ``workflow_runs`` partitions definition.
+
+    ``dead_letters`` maps the partitions in the dead-letter queue to the run that put them there:
+    while that run is still the latest, the batch is DEAD_LETTERED rather than FAILED.
+    """
     from dagster import DagsterEventType, RunsFilter
 
     keys = (
@@ -131,6 +136,12 @@ def derive_states(
                 or latest.update_timestamp
             )
             _apply_run(instance, state, latest, DagsterEventType)
+            if (
+                dead_letters
+                and state.status == PublishStatus.FAILED
+                and dead_letters.get(key) == state.dagster_run_id
+            ):
+                state.status = PublishStatus.DEAD_LETTERED
         states.append(state)
     return states
 

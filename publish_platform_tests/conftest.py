@@ -7,13 +7,7 @@ boto3 over HTTP, exactly as every platform process reaches it, and Postgres is a
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
-import pwd
-import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +17,7 @@ import pytest
 
 from publish_platform import local_s3
 from publish_platform.config import Settings
+from publish_platform_tests.postgres import LocalPostgres, postgres_binaries
 
 # --- S3 --------------------------------------------------------------------------------------
 
@@ -102,100 +97,49 @@ def catalog(settings: Settings) -> Iterator[Any]:
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
-def _postgres_binaries() -> tuple[str, str] | None:
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb and pg_ctl:
-        return initdb, pg_ctl
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        initdb, pg_ctl = os.path.join(folder, "initdb"), os.path.join(folder, "pg_ctl")
-        if os.access(initdb, os.X_OK) and os.access(pg_ctl, os.X_OK):
-            return initdb, pg_ctl
-    return None
-
-
-def _postgres_system_user() -> pwd.struct_passwd:
-    """Postgres refuses to run as root: as root, its processes run as the ``postgres`` user."""
-    try:
-        return pwd.getpwnam("postgres")
-    except KeyError:
-        subprocess.run(["useradd", "--system", "postgres"], check=True)
-        return pwd.getpwnam("postgres")
+def _local_postgres() -> LocalPostgres:
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or /usr/lib/postgresql")
+    return LocalPostgres(binaries)
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A PostgreSQL of its own (127.0.0.1, free port, trust auth) with database ``catalog``."""
-    binaries = _postgres_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or /usr/lib/postgresql")
-    initdb, pg_ctl = binaries
-
-    # Not under pytest's tmp dir: that one is 0700 root-owned, unreachable for the postgres user.
-    base = Path(tempfile.mkdtemp(prefix="pp-pg-"))
-    data, sockets, log = base / "data", base / "run", base / "postgres.log"
-    sockets.mkdir()
-    run_as: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        user = _postgres_system_user()
-        for path in (base, sockets):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-
-    def run(*args: str) -> None:
-        completed = subprocess.run(
-            args, cwd=base, env=env, capture_output=True, text=True, timeout=120, **run_as
-        )
-        if completed.returncode != 0:
-            server_log = log.read_text() if log.exists() else ""
-            raise RuntimeError(
-                f"{' '.join(args)} failed ({completed.returncode}):\n{completed.stdout}\n"
-                f"{completed.stderr}\n{server_log}"
-            )
-
-    port = local_s3.free_port()
-    run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    options = (
-        f"-h 127.0.0.1 -p {port} -k {sockets} -c fsync=off -c synchronous_commit=off"
-        " -c full_page_writes=off"
-    )
-    run(pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """The tests' shared PostgreSQL server (127.0.0.1, free port, trust auth)."""
+    server = _local_postgres()
     try:
-        admin = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        _create_database(admin, "catalog")
-        yield f"postgresql://postgres@127.0.0.1:{port}/catalog"
+        server.start()
+        yield server
     finally:
-        with contextlib.suppress(Exception):
-            run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+        server.destroy()
 
 
-def _create_database(admin_url: str, name: str, replace: bool = False) -> None:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            if replace:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    finally:
-        engine.dispose()
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: LocalPostgres) -> str:
+    """URL of database ``catalog`` on the shared server."""
+    return postgres_server.create_database("catalog", replace=True)
 
 
 @pytest.fixture
-def make_postgres_database(postgres_url: str) -> Callable[..., str]:
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL server for one test alone, started; the test may stop and restart it."""
+    server = _local_postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def make_postgres_database(postgres_server: LocalPostgres) -> Callable[..., str]:
     """``make_postgres_database(name=None) -> url`` of a new, empty database on the test server.
 
     Without a name a unique one is chosen; an existing database of that name is replaced.
     """
-    admin = postgres_url.rsplit("/", 1)[0] + "/postgres"
 
     def make(name: str | None = None) -> str:
-        name = name or f"db_{uuid.uuid4().hex[:12]}"
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"database name must be alphanumeric/underscore: {name!r}")
-        _create_database(admin, name, replace=True)
-        return postgres_url.rsplit("/", 1)[0] + "/" + name
+        return postgres_server.create_database(name or f"db_{uuid.uuid4().hex[:12]}", replace=True)
 
     return make

@@ -9,10 +9,8 @@ Once with Dagster on SQLite (the embedded default), once on Postgres as dagster.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,43 +28,20 @@ from publish_platform.demo import (
     read_run_entities,
     write_run,
 )
-from publish_platform.local_s3 import LOCAL_CREDENTIALS, ensure_bucket, free_port, s3_client
 from publish_platform.metastores.sql import SqlCatalog
 from publish_platform.publish_state import PublishStatus, derive_states
-from publish_platform.runtime import start_dagster, write_instance_yaml
+from publish_platform_tests.commands import run_cli
+from publish_platform_tests.platform_support import running_platform, wait_for_state
 
 pytestmark = pytest.mark.slow
 
-SETTLED = {
-    PublishStatus.SUPERSEDED,
-    PublishStatus.COMPLETE,
-    PublishStatus.FAILED,
-    PublishStatus.HELD,
-    PublishStatus.QUARANTINED,
-    PublishStatus.SKIPPED,
-}
-
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "publish_platform.cli", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
+    return run_cli(*args, env=env)
 
 
 def _wait_for(instance: DagsterInstance, landing: str, key: str, timeout: float = 240) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if key in instance.get_dynamic_partitions("workflow_runs"):
-            state = derive_states(instance, landing, [key])[0]
-            if state.status in SETTLED:
-                return state
-        time.sleep(1)
-    raise AssertionError(f"{key} did not settle within {timeout}s")
+    return wait_for_state(instance, landing, key, timeout=timeout)
 
 
 def _strip_volatile(entity: dict) -> dict:
@@ -83,47 +58,18 @@ def _identity(entity: dict) -> tuple[str, str]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def platform(request, tmp_path: Path, moto_endpoint: str):
     """A running platform: its env, Dagster instance, catalog and webserver URL."""
-    storage = request.param
-    suffix = uuid.uuid4().hex[:8]
-    home = tmp_path / "home"
-    dagster_home = home / "dagster"
-    env = {
-        **LOCAL_CREDENTIALS,
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "DAGSTER_HOME": str(dagster_home),
-        "PUBLISH_PLATFORM_HOME": str(home),
-        "PUBLISH_PLATFORM_LANDING": f"s3://land-{suffix}/runs/",
-        "PUBLISH_PLATFORM_STATE": f"s3://state-{suffix}/publish/",
-        "PUBLISH_PLATFORM_SETTLE_SECONDS": "1",
-        "PUBLISH_PLATFORM_SENSOR_INTERVAL_SECONDS": "1",
-    }
-    if storage == "postgres":
+    metastore = dagster_storage = None
+    if request.param == "postgres":
         make_database = request.getfixturevalue("make_postgres_database")
-        env["DAGSTER_POSTGRES_URL"] = make_database(f"dagster_{suffix}")
-        env["PUBLISH_PLATFORM_METASTORE"] = make_database(f"catalog_{suffix}")
-    else:
-        env["PUBLISH_PLATFORM_METASTORE"] = f"sqlite:///{home / 'catalog.sqlite'}"
-    write_instance_yaml(dagster_home, storage=storage)
-    s3 = s3_client(moto_endpoint)
-    ensure_bucket(s3, f"land-{suffix}")
-    ensure_bucket(s3, f"state-{suffix}")
-
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    processes = start_dagster(env, free_port(), tmp_path / "logs")
-    instance = DagsterInstance.from_config(str(dagster_home))
-    catalog = SqlCatalog(env["PUBLISH_PLATFORM_METASTORE"])
-    try:
-        yield env, instance, catalog, processes.url
-    finally:
-        catalog.close()
-        instance.dispose()
-        processes.stop()
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        suffix = uuid.uuid4().hex[:8]
+        dagster_storage = make_database(f"dagster_{suffix}")
+        metastore = make_database(f"catalog_{suffix}")
+    with running_platform(tmp_path, moto_endpoint, metastore, dagster_storage) as running:
+        catalog = SqlCatalog(running.env["PUBLISH_PLATFORM_METASTORE"])
+        try:
+            yield running.env, running.instance, catalog, running.url
+        finally:
+            catalog.close()
 
 
 def test_publish_change_and_republish(platform, tmp_path: Path) -> None:

@@ -8,10 +8,15 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetObservation,
+    Backoff,
     Config,
     Failure,
+    Jitter,
     MaterializeResult,
     MetadataValue,
+    RetryPolicy,
+    RetryRequested,
     asset,
 )
 from dagster_aws.s3 import S3Resource
@@ -19,10 +24,21 @@ from pydantic import Field
 
 from publish_platform.defs.partitions import workflow_runs
 from publish_platform.defs.resources import PlatformResource
+from publish_platform.metastores.base import ThrottledError
 from publish_platform.pipeline import publish_with_replan, run_diff, run_plan
 from publish_platform.plan import Approval, preview
+from publish_platform.retries import delayed_wait, retry_tiers
 
 GROUP = "publish"
+TIERS = retry_tiers()
+# Tier 2: a failed step (S3 or metastore unavailable) is retried with exponential backoff and
+# jitter; throttling raises RetryRequested to wait at least the metastore's Retry-After.
+DELAYED_RETRIES = RetryPolicy(
+    max_retries=TIERS.delayed_retries,
+    delay=TIERS.delayed_base,
+    backoff=Backoff.EXPONENTIAL,
+    jitter=Jitter.PLUS_MINUS,
+)
 
 PLAN_CHECKS = {
     "scope": (True, "Every operation stays within the batch's connection."),
@@ -57,7 +73,7 @@ class DiffConfig(Config):
     )
 
 
-@asset(partitions_def=workflow_runs, group_name=GROUP)
+@asset(partitions_def=workflow_runs, group_name=GROUP, retry_policy=DELAYED_RETRIES)
 def diff(
     context: AssetExecutionContext, config: DiffConfig, s3: S3Resource, platform: PlatformResource
 ) -> MaterializeResult:
@@ -110,6 +126,7 @@ def diff(
     partitions_def=workflow_runs,
     group_name=GROUP,
     deps=[diff],
+    retry_policy=DELAYED_RETRIES,
     check_specs=[
         AssetCheckSpec(name, asset="plan", blocking=blocking, description=description)
         for name, (blocking, description) in PLAN_CHECKS.items()
@@ -186,7 +203,12 @@ def plan(
     )
 
 
-@asset(partitions_def=workflow_runs, group_name=GROUP, deps=[plan])
+@asset(
+    partitions_def=workflow_runs,
+    group_name=GROUP,
+    deps=[plan],
+    retry_policy=DELAYED_RETRIES,
+)
 def publish(
     context: AssetExecutionContext, s3: S3Resource, platform: PlatformResource
 ) -> MaterializeResult:
@@ -197,10 +219,33 @@ def publish(
     def progress(done: int, total: int) -> None:
         context.log.info(f"published {done}/{total} operations")
 
-    with platform.metastore() as metastore:
-        result = publish_with_replan(
-            client, state, platform.settings(), metastore, context.partition_key, progress
+    def immediate_retry(attempt: int, exc: Exception) -> None:
+        # Tier 1, recorded in the event log so that the batch's retry history is complete.
+        context.log.warning(f"tier 1: retrying a chunk (attempt {attempt}) after {exc}")
+        context.log_event(
+            AssetObservation(
+                asset_key="publish",
+                partition=context.partition_key,
+                metadata={"tier": "immediate", "attempt": attempt, "error": str(exc)[:2000]},
+            )
         )
+
+    try:
+        with platform.metastore() as metastore:
+            result = publish_with_replan(
+                client,
+                state,
+                platform.settings(),
+                metastore,
+                context.partition_key,
+                progress,
+                on_retry=immediate_retry,
+            )
+    except ThrottledError as exc:
+        # Tier 2 for throttling: never sooner than the metastore's Retry-After.
+        wait = delayed_wait(context.retry_number, TIERS, exc.retry_after)
+        context.log.warning(f"throttled ({exc}); retrying in {wait:.1f}s")
+        raise RetryRequested(max_retries=TIERS.delayed_retries, seconds_to_wait=wait) from exc
     if result.replanned:
         context.log.warning("the plan was stale (its source moved on): re-planned and re-checked")
     if result.resumed:
@@ -220,6 +265,7 @@ def publish(
             "requests": result.requests,
             "split_chunks": result.split_chunks,
             "resumed": result.resumed,
+            "immediate_retries": result.immediate_retries,
             "replanned": result.replanned,
             "snapshot_entities": result.snapshot_entities,
             "publish_s": round(result.duration_s, 3),

@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+class TransientMetastoreError(RuntimeError):
+    """The metastore could not answer now (connection reset, timeout, 5xx): retry, don't split."""
+
+
+class ThrottledError(TransientMetastoreError):
+    """The metastore asks us to slow down (HTTP 429), possibly saying for how long."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class Identity:
     type_name: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from publish_platform.metastores.base import EntityWrite, Identity, WriteResult
+from publish_platform.metastores.base import (
+    EntityWrite,
+    Identity,
+    TransientMetastoreError,
+    WriteResult,
+)
 
 metadata = sa.MetaData()
 
@@ -76,10 +82,30 @@ def create_catalog_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+TRANSIENT_DB_ERRORS = (
+    sa.exc.OperationalError,  # connection refused or lost, server restarting, database locked
+    sa.exc.InterfaceError,
+    sa.exc.DisconnectionError,
+    sa.exc.TimeoutError,  # no connection from the pool in time
+)
+
+
+@contextmanager
+def _transient_as_metastore_errors() -> Iterator[None]:
+    """Database errors that say "not now" become TransientMetastoreError (retried, not split)."""
+    try:
+        yield
+    except TRANSIENT_DB_ERRORS as exc:
+        raise TransientMetastoreError(
+            f"{type(exc.orig or exc).__name__}: {exc.orig or exc}"
+        ) from exc
+
+
 class SqlCatalog:
     def __init__(self, url: str) -> None:
         self.engine = create_catalog_engine(url)
-        metadata.create_all(self.engine, checkfirst=True)
+        with _transient_as_metastore_errors():
+            metadata.create_all(self.engine, checkfirst=True)
         dialect = self.engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
 
@@ -115,7 +141,7 @@ class SqlCatalog:
                 "updated_at": excluded.updated_at,
             },
         ).returning(entities.c.guid, entities.c.type_name, entities.c.qualified_name)
-        with self.engine.begin() as connection:
+        with _transient_as_metastore_errors(), self.engine.begin() as connection:
             returned = {
                 (row.type_name, row.qualified_name): row.guid
                 for row in connection.execute(statement)
@@ -153,7 +179,7 @@ class SqlCatalog:
         condition = sa.tuple_(entities.c.type_name, entities.c.qualified_name).in_(
             [(i.type_name, i.qualified_name) for i in identities]
         )
-        with self.engine.begin() as connection:
+        with _transient_as_metastore_errors(), self.engine.begin() as connection:
             guids = {
                 (row.type_name, row.qualified_name): row.guid
                 for row in connection.execute(
@@ -186,7 +212,7 @@ class SqlCatalog:
 
     def existing(self, identities: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         found: set[tuple[str, str]] = set()
-        with self.engine.connect() as connection:
+        with _transient_as_metastore_errors(), self.engine.connect() as connection:
             for start in range(0, len(identities), LOOKUP_BATCH):
                 batch = list(identities[start : start + LOOKUP_BATCH])
                 query = sa.select(entities.c.type_name, entities.c.qualified_name).where(
