@@ -86,6 +86,12 @@ class PublishState(BaseModel):
 
 
 _METRIC_FIELDS = set(BatchMetrics.model_fields)
+# Errors Dagster wraps around what a step raised.
+DAGSTER_WRAPPERS = {
+    "DagsterExecutionStepExecutionError",
+    "RetryRequestedFromPolicy",
+    "DagsterMaxRetriesExceededError",
+}
 
 
 def derive_states(
@@ -183,13 +189,21 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
                 )
         elif event.event_type == event_types.STEP_FAILURE and step_failure is None:
             error = event.step_failure_data.error
+            user = event.step_failure_data.user_failure_data
+            reported = user.metadata.get("error_type") if user is not None else None
             # Dagster wraps what the step raised: report the platform's own error.
-            if error and error.cls_name == "DagsterExecutionStepExecutionError" and error.cause:
+            while error and error.cls_name in DAGSTER_WRAPPERS and error.cause:
                 error = error.cause
             step_failure = FailureDetails(
                 step=event.step_key,
-                error_type=error.cls_name if error else None,
-                message=(error.message.strip() if error else "step failed")[:4000],
+                error_type=reported.value if reported else error.cls_name if error else None,
+                message=(
+                    user.description
+                    if user is not None and user.description
+                    else error.message.strip()
+                    if error
+                    else "step failed"
+                )[:4000],
             )
 
     for metadata in materialized.values():

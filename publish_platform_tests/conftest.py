@@ -7,6 +7,7 @@ boto3 over HTTP, exactly as every platform process reaches it, and Postgres is a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Every retry tier runs for real in the tests, with its delays scaled down (tests that measure a
+# delay set their own scale). Set before the definitions are imported: the retry policy reads it.
+os.environ.setdefault("PUBLISH_PLATFORM_RETRY_DELAY_SCALE", "0.01")
 
 from publish_platform import local_s3
 from publish_platform.config import Settings

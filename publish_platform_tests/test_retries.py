@@ -63,6 +63,7 @@ def test_tier_2_waits_at_least_retry_after_and_backs_off(monkeypatch) -> None:
 def test_a_catalog_restart_mid_publish_is_absorbed_by_tier_1(
     s3, state, settings, own_postgres, monkeypatch
 ) -> None:
+    monkeypatch.setenv("PUBLISH_PLATFORM_RETRY_DELAY_SCALE", "1")
     monkeypatch.setenv("PUBLISH_PLATFORM_IMMEDIATE_RETRIES", "6")  # 0.5+1+2+4+8+16 s at most
     catalog = SqlCatalog(own_postgres.create_database("catalog"))
     try:

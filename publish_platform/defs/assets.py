@@ -25,7 +25,7 @@ from pydantic import Field
 from publish_platform.defs.partitions import workflow_runs
 from publish_platform.defs.resources import PlatformResource
 from publish_platform.metastores.base import ThrottledError
-from publish_platform.pipeline import publish_with_replan, run_diff, run_plan
+from publish_platform.pipeline import PlanHeldError, publish_with_replan, run_diff, run_plan
 from publish_platform.plan import Approval, preview
 from publish_platform.retries import delayed_wait, retry_tiers
 
@@ -241,6 +241,11 @@ def publish(
                 progress,
                 on_retry=immediate_retry,
             )
+    except PlanHeldError as exc:
+        # Waiting for an operator: retrying would not change the answer.
+        raise Failure(
+            description=str(exc), metadata={"error_type": "PlanHeldError"}, allow_retries=False
+        ) from exc
     except ThrottledError as exc:
         # Tier 2 for throttling: never sooner than the metastore's Retry-After.
         wait = delayed_wait(context.retry_number, TIERS, exc.retry_after)

@@ -32,17 +32,11 @@ from publish_platform.dead_letters import Attempt, DeadLetter, DeadLetterQueue
 from publish_platform.defs.jobs import PUBLISH_JOB, publish_batch
 from publish_platform.defs.resources import PlatformResource
 from publish_platform.landing import RunRef
-from publish_platform.publish_state import PublishStatus, derive_states
+from publish_platform.publish_state import DAGSTER_WRAPPERS, PublishStatus, derive_states
 from publish_platform.retries import retry_tiers
 
 RELAUNCH_TAG = "publish_platform/relaunch"
 RETRIES_EXCEEDED = "Exceeded max_retries"
-# Errors Dagster wraps around what a step raised: the history reports the platform's own.
-DAGSTER_WRAPPERS = {
-    "DagsterExecutionStepExecutionError",
-    "RetryRequestedFromPolicy",
-    "DagsterMaxRetriesExceededError",
-}
 BATCH_ASSETS = [AssetKey("diff"), AssetKey("plan"), AssetKey("publish")]
 
 

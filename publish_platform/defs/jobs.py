@@ -1,6 +1,6 @@
 """The job that carries one batch through diff → plan (+ checks) → publish."""
 
-from dagster import AssetSelection, PartitionedConfig, define_asset_job
+from dagster import AssetSelection, PartitionedConfig, define_asset_job, in_process_executor
 
 from publish_platform.defs.partitions import workflow_runs
 from publish_platform.ordering import tags_for_partition
@@ -18,4 +18,6 @@ publish_batch = define_asset_job(
         tags_for_partition_key_fn=tags_for_partition,
     ),
     description="Publish one workflow run (one partition): diff, plan and its checks, publish.",
+    # The three steps run one after the other anyway: one process per run, not one per step.
+    executor_def=in_process_executor,
 )

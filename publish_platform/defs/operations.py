@@ -1,6 +1,14 @@
 """Operator jobs that are not a batch: rolling a source back to an older snapshot."""
 
-from dagster import Config, Failure, MetadataValue, OpExecutionContext, job, op
+from dagster import (
+    Config,
+    Failure,
+    MetadataValue,
+    OpExecutionContext,
+    in_process_executor,
+    job,
+    op,
+)
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
@@ -59,6 +67,8 @@ def rollback_to_snapshot(
     )
 
 
-@job(name=ROLLBACK_JOB, tags={"publish_platform/kind": "rollback"})
+@job(
+    name=ROLLBACK_JOB, tags={"publish_platform/kind": "rollback"}, executor_def=in_process_executor
+)
 def rollback_source() -> None:
     rollback_to_snapshot()
