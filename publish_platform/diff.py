@@ -14,7 +14,8 @@ from typing import Literal
 
 import polars as pl
 
-from publish_platform.entities import REFERENCES, EntityIssue, ParsedEntities
+from publish_platform.entities import EntityIssue, ParsedEntities
+from publish_platform.state import SNAPSHOT_SCHEMA
 
 Mode = Literal["full", "incremental"]
 
@@ -33,15 +34,8 @@ TYPE_RANK: dict[str, int] = {
     "Column": 5,
 }
 
-DIFF_SCHEMA = {
-    "op": pl.String,
-    "type_name": pl.String,
-    "qualified_name": pl.String,
-    "hash": pl.String,
-    "guid": pl.String,
-    "entity": pl.String,
-    "references": REFERENCES,
-}
+# What a diff holds per entity: the snapshot's columns plus the operation.
+DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA}
 
 IDENTITY = ["type_name", "qualified_name"]
 

@@ -109,15 +109,19 @@ def _local_postgres() -> LocalPostgres:
     return LocalPostgres(binaries)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[LocalPostgres]:
-    """The tests' shared PostgreSQL server (127.0.0.1, free port, trust auth)."""
+def _started_postgres() -> Iterator[LocalPostgres]:
     server = _local_postgres()
     try:
         server.start()
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """The tests' shared PostgreSQL server (127.0.0.1, free port, trust auth)."""
+    yield from _started_postgres()
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +133,7 @@ def postgres_url(postgres_server: LocalPostgres) -> str:
 @pytest.fixture
 def own_postgres() -> Iterator[LocalPostgres]:
     """A PostgreSQL server for one test alone, started; the test may stop and restart it."""
-    server = _local_postgres()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from _started_postgres()
 
 
 @pytest.fixture
