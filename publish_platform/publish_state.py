@@ -85,13 +85,22 @@ class PublishState(BaseModel):
     updated_at: datetime | None = None
 
 
-_METRIC_FIELDS = set(BatchMetrics.model_fields)
 # Errors Dagster wraps around what a step raised.
 DAGSTER_WRAPPERS = {
     "DagsterExecutionStepExecutionError",
     "RetryRequestedFromPolicy",
     "DagsterMaxRetriesExceededError",
 }
+
+
+def unwrap_error(error: Any) -> Any:
+    """Dagster wraps what a step raised (execution, retry wrappers): the platform's own error."""
+    while error is not None and error.cls_name in DAGSTER_WRAPPERS and error.cause:
+        error = error.cause
+    return error
+
+
+_METRIC_FIELDS = set(BatchMetrics.model_fields)
 
 
 def derive_states(
@@ -191,9 +200,7 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
             error = event.step_failure_data.error
             user = event.step_failure_data.user_failure_data
             reported = user.metadata.get("error_type") if user is not None else None
-            # Dagster wraps what the step raised: report the platform's own error.
-            while error and error.cls_name in DAGSTER_WRAPPERS and error.cause:
-                error = error.cause
+            error = unwrap_error(error)
             step_failure = FailureDetails(
                 step=event.step_key,
                 error_type=reported.value if reported else error.cls_name if error else None,

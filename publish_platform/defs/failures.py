@@ -32,7 +32,7 @@ from publish_platform.dead_letters import Attempt, DeadLetter, DeadLetterQueue
 from publish_platform.defs.jobs import PUBLISH_JOB, publish_batch
 from publish_platform.defs.resources import PlatformResource
 from publish_platform.landing import RunRef
-from publish_platform.publish_state import DAGSTER_WRAPPERS, PublishStatus, derive_states
+from publish_platform.publish_state import PublishStatus, derive_states, unwrap_error
 from publish_platform.retries import retry_tiers
 
 RELAUNCH_TAG = "publish_platform/relaunch"
@@ -120,8 +120,7 @@ def retry_history(instance: Any, partition_key: str) -> list[Attempt]:
 def _message(error: Any) -> str:
     if error is None:
         return "failed"
-    while error.cls_name in DAGSTER_WRAPPERS and error.cause:
-        error = error.cause
+    error = unwrap_error(error)
     return f"{error.cls_name}: {error.message.strip()}"[:2000]
 
 
