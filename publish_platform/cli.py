@@ -41,6 +41,12 @@ def _instance(settings: Settings) -> Any:
     return DagsterInstance.get()
 
 
+def _print_json(models: Sequence[Any]) -> None:
+    """Pydantic models as one indented JSON list on stdout."""
+    payload = [model.model_dump(mode="json") for model in models]
+    sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
 # --- land ------------------------------------------------------------------------------------
 
 
@@ -122,12 +128,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     states = derive_states(_instance(settings), settings.landing, dead_letters=dead)
     states.sort(key=lambda s: (s.created_at is None, s.created_at or 0, s.partition_key))
     if args.json:
-        sys.stdout.write(
-            orjson.dumps(
-                [s.model_dump(mode="json") for s in states], option=orjson.OPT_INDENT_2
-            ).decode()
-            + "\n"
-        )
+        _print_json(states)
         return 0
     header = ("PARTITION", "SOURCE", "STATUS", "COUNTS", "STARTED", "UPDATED")
     rows = [
@@ -232,12 +233,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_dlq_list(args: argparse.Namespace) -> int:
     entries = _dead_letters(load_settings()).list(include_closed=args.all)
     if args.json:
-        sys.stdout.write(
-            orjson.dumps(
-                [e.model_dump(mode="json") for e in entries], option=orjson.OPT_INDENT_2
-            ).decode()
-            + "\n"
-        )
+        _print_json(entries)
         return 0
     for entry in entries:
         print(

@@ -143,8 +143,10 @@ def run_diff(
                 else batch.landed_at
             )
 
-    if not problems and summary.source is not None:
-        superseded = supersession(state, summary.source, summary.source_timestamp)
+    # One read of the source's pointer serves the staleness check and the base serial.
+    published = state.current_pointer(summary.source) if summary.source else None
+    if not problems and published is not None:
+        superseded = supersession(published, summary.source_timestamp)
         if superseded is not None:
             problems.append(BatchProblem("superseded", superseded))
 
@@ -163,7 +165,7 @@ def run_diff(
         return summary
 
     assert parsed is not None and summary.source is not None
-    base_serial = state.current_serial(summary.source)
+    base_serial = published.serial if published else 0
     snapshot = state.read_snapshot(summary.source, base_serial)
     diff = diff_batch(parsed, snapshot, summary.source, summary.mode, force=force)
     record_diff(state, summary, diff, base_serial)
@@ -193,17 +195,15 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def supersession(state: StateStore, source: str, source_timestamp: datetime | None) -> str | None:
+def supersession(published: Pointer | None, source_timestamp: datetime | None) -> str | None:
     """Why a batch is superseded: its data is older than what is published for its source."""
-    found = state.read_pointer(source)
-    if found is None or source_timestamp is None or found[0].source_timestamp is None:
+    if published is None or source_timestamp is None or published.source_timestamp is None:
         return None
-    published = found[0]
     if _utc(source_timestamp) < _utc(published.source_timestamp):
         return (
             f"source timestamp {_utc(source_timestamp).isoformat()} is older than"
-            f" {_utc(published.source_timestamp).isoformat()}, already published for {source}"
-            f" (serial {published.serial}, batch {published.partition_key})"
+            f" {_utc(published.source_timestamp).isoformat()}, already published for"
+            f" {published.source} (serial {published.serial}, batch {published.partition_key})"
         )
     return None
 
@@ -346,13 +346,14 @@ def run_publish(
         return result
     plan = read_plan(state, partition_key)
     source = plan.header.source
-    current = state.current_serial(source)
+    published = state.current_pointer(source)
+    current = published.serial if published else 0
     if current != plan.header.base_serial:
         raise StalePlanError(
             f"plan for {partition_key} was computed against serial {plan.header.base_serial} of"
             f" {source}, which is now at {current}: re-plan"
         )
-    superseded = supersession(state, source, plan.header.source_timestamp)
+    superseded = supersession(published, plan.header.source_timestamp)
     if superseded is not None:
         result.outcome = "superseded"
         result.duration_s = time.perf_counter() - started
@@ -361,7 +362,7 @@ def run_publish(
     result.serial = current
     if plan.operations.height == 0:
         result.outcome = "nothing_to_publish"
-        _advance_watermark(state, found_pointer(state, source), plan, partition_key)
+        _advance_watermark(state, published, plan, partition_key)
         result.duration_s = time.perf_counter() - started
         return result
 
@@ -420,11 +421,6 @@ def run_publish(
     )
     result.duration_s = time.perf_counter() - started
     return result
-
-
-def found_pointer(state: StateStore, source: str) -> Pointer | None:
-    found = state.read_pointer(source)
-    return found[0] if found else None
 
 
 def _advance_watermark(

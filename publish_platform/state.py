@@ -115,9 +115,13 @@ class StateStore:
             return None
         return Pointer.model_validate_json(found[0]), found[1]
 
-    def current_serial(self, source: str) -> int:
+    def current_pointer(self, source: str) -> Pointer | None:
         found = self.read_pointer(source)
-        return found[0].serial if found else 0
+        return found[0] if found else None
+
+    def current_serial(self, source: str) -> int:
+        pointer = self.current_pointer(source)
+        return pointer.serial if pointer else 0
 
     def read_snapshot(self, source: str, serial: int) -> pl.DataFrame:
         if serial == 0:

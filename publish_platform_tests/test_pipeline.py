@@ -117,17 +117,22 @@ def test_unchanged_second_landing_writes_nothing(s3, state, settings, catalog):
     assert state.read_snapshot(UPSTREAM_SOURCE, 1).equals(snapshot)
 
 
-def test_publishing_a_plan_with_a_stale_base_serial_is_refused(s3, state, settings, catalog):
+def _plan_both_runs_on_serial_zero(s3, state, settings) -> None:
+    """The fixture run and a second run changing one table's description, both diffed and
+    planned before either is published: against serial 0, 38 creates each."""
     landing = settings.landing_location
     land(s3, landing, UPSTREAM_REF, upstream_files())
     changed = upstream_data()
     table_key = "transformed/table/entities.json"
     changed[table_key] = changed[table_key].replace(b'"description":null', b'"description":"x"', 1)
     land(s3, landing, SECOND_RUN, with_sidecars(changed))
-
-    for run in (UPSTREAM_REF, SECOND_RUN):  # both planned against serial 0
+    for run in (UPSTREAM_REF, SECOND_RUN):
         run_diff(s3, state, settings, run.partition_key)
         run_plan(state, settings, run.partition_key)
+
+
+def test_publishing_a_plan_with_a_stale_base_serial_is_refused(s3, state, settings, catalog):
+    _plan_both_runs_on_serial_zero(s3, state, settings)
     assert run_publish(state, settings, catalog, UPSTREAM_REF.partition_key).serial == 1
     versions = catalog.versions()
 
@@ -145,15 +150,7 @@ def test_publishing_a_plan_with_a_stale_base_serial_is_refused(s3, state, settin
 
 
 def test_publish_with_replan_replans_a_stale_plan_and_publishes_it(s3, state, settings, catalog):
-    landing = settings.landing_location
-    land(s3, landing, UPSTREAM_REF, upstream_files())
-    changed = upstream_data()
-    table_key = "transformed/table/entities.json"
-    changed[table_key] = changed[table_key].replace(b'"description":null', b'"description":"x"', 1)
-    land(s3, landing, SECOND_RUN, with_sidecars(changed))
-    for run in (UPSTREAM_REF, SECOND_RUN):  # both planned against serial 0: 38 creates each
-        run_diff(s3, state, settings, run.partition_key)
-        run_plan(state, settings, run.partition_key)
+    _plan_both_runs_on_serial_zero(s3, state, settings)
     stale_id = read_plan(state, SECOND_RUN.partition_key).header.plan_id
     run_publish(state, settings, catalog, UPSTREAM_REF.partition_key)
     versions = catalog.versions()
