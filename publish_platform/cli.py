@@ -318,7 +318,7 @@ def cmd_prioritize(args: argparse.Namespace) -> int:
 def cmd_catalog_dump(args: argparse.Namespace) -> int:
     from publish_platform.metastores import open_metastore
 
-    metastore = open_metastore(load_settings().metastore_url)
+    metastore = open_metastore(load_settings())
     try:
         out = sys.stdout.buffer
         for entity in metastore.dump(args.source):

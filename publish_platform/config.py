@@ -7,6 +7,7 @@ these settings: S3 credentials come from boto3's own variables, Atlan's from pya
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -87,9 +88,44 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Per-source importance (-50..50) for run priority, JSON: {"<connection>": 20}.',
     )
-    chunk_size: int = Field(default=500, ge=1, description="Entities per metastore request.")
+    chunk_size: int = Field(
+        default=0,
+        ge=0,
+        description="Entities per metastore request; 0 takes the metastore's default (Atlan: 50,"
+        " within the 20-50 Atlan advises; SQL catalog: 500).",
+    )
     sensor_interval_seconds: int = Field(default=15, ge=1)
     purge_deletes: bool = Field(default=False, description="Purge instead of archive on delete.")
+    # Atlan (PUBLISH_PLATFORM_METASTORE=atlan). Where and who: pyatlan's own ATLAN_BASE_URL and
+    # ATLAN_API_KEY, read by pyatlan from the environment and never by this platform.
+    atlan_request_budget: int = Field(
+        default=600,
+        ge=1,
+        description="Requests to one Atlan tenant per budget window, across every run and host.",
+    )
+    atlan_budget_window_seconds: float = Field(default=60.0, gt=0)
+    atlan_cooldown_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Pause of every worker after a 429 that names no Retry-After (Atlan blocks"
+        " a tenant for 60 s after a 429).",
+    )
+    atlan_throttle_retries: int = Field(
+        default=5,
+        ge=0,
+        description="429s one request waits out inside the step before the step goes to tier 2.",
+    )
+    atlan_max_inline_wait_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="Longest cool-down waited inside a step; a longer one releases the worker"
+        " and retries the step later (tier 2, never before Retry-After).",
+    )
+    rate_limit_url: str = Field(
+        default="",
+        description="Database holding the shared Atlan request budget (default: SQLite file in"
+        " home; use Postgres when runs publish from several hosts).",
+    )
 
     @field_validator("volatile_attributes", mode="before")
     @classmethod
@@ -130,10 +166,20 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.home / 'catalog.sqlite').resolve()}"
 
     @property
+    def publish_chunk_size(self) -> int:
+        if self.chunk_size:
+            return self.chunk_size
+        return 50 if self.metastore_kind == "atlan" else 500
+
+    @property
+    def rate_limit_database(self) -> str:
+        return self.rate_limit_url or f"sqlite:///{(self.home / 'rate_limit.sqlite').resolve()}"
+
+    @property
     def metastore_display(self) -> str:
         """The metastore URL with any password masked: safe for logs and the UI."""
         if self.metastore_kind == "atlan":
-            return "atlan"
+            return f"atlan ({os.environ.get('ATLAN_BASE_URL', 'ATLAN_BASE_URL not set')})"
         from sqlalchemy.engine import make_url
 
         return make_url(self.metastore_url).render_as_string(hide_password=True)

@@ -383,7 +383,7 @@ def run_publish(
     outcome = execute_plan(
         plan.operations,
         metastore,
-        settings.chunk_size,
+        settings.publish_chunk_size,
         settings.purge_deletes,
         progress,
         checkpoint,

@@ -164,7 +164,8 @@ def _apply_isolating(
 def _apply(chunk: list[dict], metastore: Metastore, purge: bool) -> list[WriteResult]:
     if chunk[0]["op"] == "delete":
         return metastore.delete(
-            [Identity(row["type_name"], row["qualified_name"]) for row in chunk], purge=purge
+            [Identity(row["type_name"], row["qualified_name"], row["guid"]) for row in chunk],
+            purge=purge,
         )
     return metastore.upsert(
         [

@@ -29,7 +29,7 @@ class PlatformResource(ConfigurableResource):
 
     @contextmanager
     def metastore(self) -> Iterator[Metastore]:
-        metastore = open_metastore(self.settings().metastore_url)
+        metastore = open_metastore(self.settings())
         try:
             yield metastore
         finally:

@@ -23,6 +23,7 @@ class ThrottledError(TransientMetastoreError):
 class Identity:
     type_name: str
     qualified_name: str
+    guid: str | None = None  # the metastore's id when the snapshot has it (saves a look-up)
 
 
 @dataclass(frozen=True)
