@@ -36,8 +36,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 API = "/api/meta/"
 CONTROL = "/_control/"
-# Atlas's typedefs make these mandatory on every asset type.
+# Atlas's typedefs make these mandatory on every asset type, and type these as integers (a
+# request with another value is refused whole, as Atlas does).
 REQUIRED_ATTRIBUTES = ("qualifiedName", "name")
+INTEGER_ATTRIBUTES = ("columnCount", "rowCount", "sizeBytes", "order", "maxLength")
 
 
 class AtlasError(Exception):
@@ -315,6 +317,15 @@ class AtlasStore:
                     "ATLAS-400-00-029",
                     f"{type_name}: mandatory attribute {name} is missing or invalid",
                 )
+        for name in INTEGER_ATTRIBUTES:
+            value = attributes.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise AtlasError(
+                    400,
+                    "ATLAS-400-00-08A",
+                    f"{type_name} {attributes['qualifiedName']}: invalid value {value!r}"
+                    f" for attribute {name} of type long",
+                )
         guid = entity.get("guid")
         if isinstance(guid, str) and guid and not guid.startswith("-"):
             if guid not in self.entities:
@@ -470,6 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._control(method, url.path[len(CONTROL) :], raw)
             return
         logged = LoggedRequest(time.time(), method, url.path, 200)
+        headers: dict[str, str] = {}
         try:
             body = json.loads(raw) if raw else {}
             if isinstance(body, dict) and isinstance(body.get("entities"), list):
@@ -489,21 +501,16 @@ class _Handler(BaseHTTPRequestHandler):
                 headers = {"Retry-After": f"{retry_after:.3f}"} if retry_after is not None else {}
                 message = "Rate limit exceeded" if status == 429 else "injected fault"
                 raise AtlasError(status, f"ATLAS-{status}-00-000", message, headers)
-            answer = self._api(
-                method, url.path[len(API) :] if url.path.startswith(API) else None, query, body
-            )
-            self._send(200, answer)
+            path = url.path[len(API) :] if url.path.startswith(API) else None
+            answer = self._api(method, path, query, body)
         except AtlasError as exc:
-            logged.status = exc.status
-            self._send(exc.status, exc.body, exc.headers)
+            logged.status, answer, headers = exc.status, exc.body, exc.headers
         except (ValueError, KeyError, TypeError) as exc:
             logged.status = 400
-            self._send(
-                400, {"errorCode": "ATLAS-400-00-001", "errorMessage": f"bad request: {exc}"}
-            )
-        finally:
-            with self.store.lock:
-                self.store.log.append(logged)
+            answer = {"errorCode": "ATLAS-400-00-001", "errorMessage": f"bad request: {exc}"}
+        with self.store.lock:  # logged before the answer leaves: a client never outruns the log
+            self.store.log.append(logged)
+        self._send(logged.status, answer, headers)
 
     def _api(self, method: str, path: str | None, query: dict[str, list[str]], body: Any) -> dict:
         store = self.store

@@ -19,6 +19,7 @@ from publish_platform.metastores.base import (
     EntityWrite,
     Identity,
     Metastore,
+    MetastoreRefusedError,
     TransientMetastoreError,
     WriteResult,
 )
@@ -141,7 +142,7 @@ def _apply_isolating(
     outcome.requests += 1
     try:
         results = with_immediate_retries(lambda: _apply(chunk, metastore, purge), tiers, retried)
-    except TransientMetastoreError:
+    except (TransientMetastoreError, MetastoreRefusedError):
         raise  # the metastore, not this chunk, is failing: splitting would not help (tier 2)
     except Exception as exc:  # noqa: BLE001 - any failure of a chunk is isolated, then reported
         if len(chunk) == 1:

@@ -147,3 +147,27 @@ def make_postgres_database(postgres_server: LocalPostgres) -> Callable[..., str]
         return postgres_server.create_database(name or f"db_{uuid.uuid4().hex[:12]}", replace=True)
 
     return make
+
+
+# --- Atlan -----------------------------------------------------------------------------------
+
+ATLAN_TEST_KEY = "atlan-test-key-" + uuid.uuid4().hex  # planted: must never appear anywhere
+
+
+@pytest.fixture
+def atlas(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A local Atlas-compatible server on 127.0.0.1 requiring an API key; pyatlan's variables
+    point at it."""
+    from publish_platform.local_atlas import LocalAtlas
+
+    with LocalAtlas(api_key=ATLAN_TEST_KEY) as server:
+        monkeypatch.setenv("ATLAN_BASE_URL", server.url)
+        monkeypatch.setenv("ATLAN_API_KEY", ATLAN_TEST_KEY)
+        yield server
+
+
+@pytest.fixture
+def atlan_settings(settings: Settings, atlas: Any, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The test's settings with Atlan (the local server) as the metastore."""
+    monkeypatch.setenv("PUBLISH_PLATFORM_METASTORE", "atlan")
+    return settings.model_copy(update={"metastore": "atlan"})

@@ -43,6 +43,7 @@ from publish_platform.config import Settings
 from publish_platform.metastores.base import (
     EntityWrite,
     Identity,
+    MetastoreRefusedError,
     ThrottledError,
     TransientMetastoreError,
     WriteResult,
@@ -249,6 +250,10 @@ class AtlanMetastore:
                 )
             if status >= 500:
                 raise TransientMetastoreError(f"Atlan {what}: HTTP {status}")
+            if status in (401, 403):
+                raise MetastoreRefusedError(
+                    f"Atlan {what}: HTTP {status}, the API key (ATLAN_API_KEY) was refused"
+                )
             if error is not None:
                 raise AtlanRequestError(f"Atlan {what}: {error}") from error
             if result is None:

@@ -19,6 +19,11 @@ class ThrottledError(TransientMetastoreError):
         self.retry_after = retry_after
 
 
+class MetastoreRefusedError(RuntimeError):
+    """The metastore refuses every request (bad credentials, no permission): no chunk is at
+    fault, so the step fails whole (retried by tier 2, then dead-lettered) instead of splitting."""
+
+
 @dataclass(frozen=True)
 class Identity:
     type_name: str

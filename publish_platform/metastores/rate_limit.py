@@ -5,7 +5,9 @@ concurrently (one per source), each in its own process, so the budget has to liv
 a small SQL table (SQLite file by default, Postgres when several hosts publish) holds the times of
 the requests sent in the current window and the tenant's cool-down. A request waits until
 it fits the budget (a sliding window: never more than ``budget`` requests in any ``window_s``)
-and until any cool-down is over; a 429 starts a cool-down that pauses every worker.
+and until any cool-down is over; a 429 starts a cool-down that pauses every worker. A request
+holds its place in the window 5% longer than the window: the time between admission and arrival
+at Atlan must not let two windows' worth of requests arrive inside one.
 
 Times are wall-clock seconds of the machines taking part: hosts sharing one budget need
 synchronised clocks (NTP), as any distributed limiter does.
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+
+ARRIVAL_MARGIN = 0.05
 
 metadata = sa.MetaData()
 
@@ -68,6 +72,7 @@ class TenantRateLimiter:
         if budget < 1 or window_s <= 0:
             raise ValueError("a rate limit needs a budget of at least 1 request and a window > 0")
         self.tenant, self.budget, self.window_s = tenant, budget, window_s
+        self.held_s = window_s * (1 + ARRIVAL_MARGIN)
         self.clock, self.sleep = clock, sleep
         self.engine = _engine(url)
         metadata.create_all(self.engine, checkfirst=True)
@@ -119,7 +124,7 @@ class TenantRateLimiter:
             now = self.clock()
             if blocked_until > now:
                 return blocked_until - now
-            window_start = now - self.window_s
+            window_start = now - self.held_s
             mine = sent_requests.c.tenant == self.tenant
             connection.execute(
                 sa.delete(sent_requests).where(mine & (sent_requests.c.at <= window_start))
@@ -128,7 +133,7 @@ class TenantRateLimiter:
                 sa.select(sa.func.count(), sa.func.min(sent_requests.c.at)).where(mine)
             ).one()
             if count >= self.budget:
-                return oldest + self.window_s - now
+                return oldest + self.held_s - now
             connection.execute(sa.insert(sent_requests).values(tenant=self.tenant, at=now))
             return 0.0
 
