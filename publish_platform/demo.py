@@ -158,3 +158,15 @@ def changed_run(root: Path, fixtures: Path | None = None, run_id: str | None = N
         "mode": "full",
     }
     return write_run(root, app, workflow_id, run_id, files, manifest)
+
+
+def resynced_run(root: Path, previous: DemoRun) -> DemoRun:
+    """``previous`` extracted again with nothing changed but the volatile attributes."""
+    app, workflow_id, _ = previous.partition_key.split("/")
+    run_id = str(uuid.uuid4())
+    now_ms = int(time.time() * 1000)
+    rows = [
+        {**e, "attributes": {**e["attributes"], "lastSyncRun": run_id, "lastSyncRunAt": now_ms}}
+        for e in previous.entities
+    ]
+    return write_run(root, app, workflow_id, run_id, {"all": rows})

@@ -26,6 +26,7 @@ from publish_platform.demo import (
     fixture_run_folder,
     partition_key_of,
     read_run_entities,
+    resynced_run,
     write_run,
 )
 from publish_platform.metastores.sql import SqlCatalog
@@ -124,25 +125,7 @@ def test_publish_change_and_republish(platform, tmp_path: Path) -> None:
             assert version == 1, identity  # unchanged entities were not rewritten
 
     # 3. Only volatile attributes changed: an empty plan and zero writes.
-    volatile_only = write_run(
-        tmp_path / "third",
-        second.partition_key.split("/")[0],
-        second.partition_key.split("/")[1],
-        str(uuid.uuid4()),
-        {
-            "all": [
-                {
-                    **e,
-                    "attributes": {
-                        **e["attributes"],
-                        "lastSyncRun": "x",
-                        "lastSyncRunAt": int(time.time() * 1000),
-                    },
-                }
-                for e in second.entities
-            ]
-        },
-    )
+    volatile_only = resynced_run(tmp_path / "third", second)
     _cli(env, "land", str(volatile_only.root))
     third = _wait_for(instance, landing, volatile_only.partition_key)
     assert third.status == PublishStatus.COMPLETE, third.failure_details
