@@ -5,7 +5,7 @@
 2. delayed — Dagster's op retry policy on ``publish``: exponential backoff with jitter; a
    throttling answer waits at least its Retry-After (``delayed_wait``).
 3. scheduled — Dagster run retries (dagster.yaml) for crashed runs, and a schedule that
-   re-launches failed partitions as a backfill. After that, the dead-letter queue.
+   re-launches failed partitions, one run each. After that, the dead-letter queue.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class RetryTiers:
     delayed_delay_s: float = 10.0  # doubled at each retry, ± jitter
     scheduled_relaunches: int = 2  # tier 3 re-launches of a failed partition
     relaunch_window_hours: float = 24.0  # failures older than this are left to the DLQ
+    relaunch_cron: str = "*/10 * * * *"  # when the relaunch schedule looks for failed batches
 
     @property
     def immediate_base(self) -> float:
@@ -51,6 +52,7 @@ def retry_tiers() -> RetryTiers:
         delayed_retries=int(number("DELAYED_RETRIES", 3)),
         scheduled_relaunches=int(number("SCHEDULED_RELAUNCHES", 2)),
         relaunch_window_hours=number("RELAUNCH_WINDOW_HOURS", 24.0),
+        relaunch_cron=os.environ.get("PUBLISH_PLATFORM_RELAUNCH_CRON", "*/10 * * * *"),
     )
 
 

@@ -1,7 +1,8 @@
 """Retry tiers and the dead-letter queue with the real daemon: a catalog that stays down.
 
-The batch's steps are retried by tier 2 (op retries, delays scaled down), the failure is final
-(no scheduled re-launch allowed here), so the dead-letter sensor dead-letters the batch with every
+The batch's steps are retried by tier 2 (op retries, delays scaled down); the failed run is then
+re-launched once by tier 3, the relaunch schedule (every minute here); when that
+fails too the failure is final, and the dead-letter sensor dead-letters the batch with every
 attempt in its history and alerts exactly once. Once the catalog is back, `dlq requeue` sends the
 batch through the queue again and it completes with the catalog correct.
 """
@@ -65,7 +66,8 @@ def test_a_metastore_that_stays_down_ends_in_the_dlq_and_requeue_completes_it(
     own_postgres.stop()  # the metastore is down before the batch arrives, and stays down
     extra_env = {
         "PUBLISH_PLATFORM_RETRY_DELAY_SCALE": "0.02",
-        "PUBLISH_PLATFORM_SCHEDULED_RELAUNCHES": "0",
+        "PUBLISH_PLATFORM_SCHEDULED_RELAUNCHES": "1",  # tier 3: the schedule re-launches once
+        "PUBLISH_PLATFORM_RELAUNCH_CRON": "* * * * *",
         "PUBLISH_PLATFORM_ALERT_WEBHOOK": url,
     }
     with running_platform(tmp_path, moto_endpoint, catalog_url, extra_env=extra_env) as platform:
@@ -88,7 +90,12 @@ def test_a_metastore_that_stays_down_ends_in_the_dlq_and_requeue_completes_it(
         assert entry["state"] == "dead" and entry["last_run_id"] == state.dagster_run_id
         assert "OperationalError" in entry["reason"] or "Transient" in entry["reason"], entry
         tiers = [attempt["tier"] for attempt in entry["history"]]
-        assert tiers.count("delayed") == 3 and tiers[-1] == "initial", tiers  # 3 op retries
+        # The first run: 3 op retries, then its failure (not final: no alert, no dead letter);
+        # the schedule's re-launch: 3 op retries again, then the final failure.
+        assert tiers == ["delayed"] * 3 + ["initial"] + ["delayed"] * 3 + ["scheduled"], tiers
+        relaunched = platform.instance.get_run_by_id(entry["last_run_id"])
+        assert relaunched.tags["publish_platform/relaunch"] == "scheduled"
+        assert relaunched.tags["dagster/partition"] == key
         assert all(attempt["error"] for attempt in entry["history"])
         listed = orjson.loads(run_cli("status", "--json", env=env).stdout)
         assert [s["status"] for s in listed] == ["DEAD_LETTERED"]

@@ -1,7 +1,9 @@
 """Tier 3 and the dead-letter queue, in Dagster.
 
-- ``relaunch_failed_batches``: a schedule that re-launches, as one backfill, the partitions whose
-  latest run FAILED within the relaunch window and that were re-launched fewer times than allowed.
+- ``relaunch_failed_batches``: a schedule that re-launches the partitions whose latest run FAILED
+  within the relaunch window and that were re-launched fewer times than allowed: one run per
+  partition, through the queue like any other (Dagster's scheduler launches backfill requests —
+  ``RunRequest.for_asset_graph_subset`` — as one unpartitioned run, which cannot work here).
 - ``dead_letter_sensor``: on every failed run of ``publish_batch``, decides whether the failure is
   final — Dagster will not retry the run, and the schedule will not re-launch it — and only then
   dead-letters the batch, with its whole retry history from the event log, and alerts once.
@@ -11,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dagster import (
-    AssetKey,
     DagsterEventType,
     DefaultScheduleStatus,
     DefaultSensorStatus,
@@ -23,8 +24,6 @@ from dagster import (
     run_failure_sensor,
     schedule,
 )
-from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
-from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster_aws.s3 import S3Resource
 
 from publish_platform.alerts import send_alert
@@ -37,7 +36,6 @@ from publish_platform.retries import retry_tiers
 
 RELAUNCH_TAG = "publish_platform/relaunch"
 RETRIES_EXCEEDED = "Exceeded max_retries"
-BATCH_ASSETS = [AssetKey("diff"), AssetKey("plan"), AssetKey("publish")]
 
 
 def _runs_of(instance: Any, partition_key: str) -> list[Any]:
@@ -183,31 +181,34 @@ def dead_letter_sensor(
 
 @schedule(
     job=publish_batch,
-    cron_schedule="*/10 * * * *",
+    cron_schedule=retry_tiers().relaunch_cron,
     default_status=DefaultScheduleStatus.RUNNING,
-    description="Tier 3: re-launch failed batches of the relaunch window as one backfill.",
+    description="Tier 3: re-launch failed batches of the relaunch window, one run each.",
 )
 def relaunch_failed_batches(
     context: ScheduleEvaluationContext, platform: PlatformResource
-) -> RunRequest | SkipReason:
+) -> list[RunRequest] | SkipReason:
     tiers = retry_tiers()
     settings = platform.settings()
     since = datetime.now(UTC) - timedelta(hours=tiers.relaunch_window_hours)
     states = derive_states(context.instance, settings.landing)
-    keys = [
+    failed = [
         s.partition_key
         for s in states
-        if s.status == PublishStatus.FAILED
-        and s.updated_at is not None
-        and s.updated_at >= since
-        and relaunches(context.instance, s.partition_key) < tiers.scheduled_relaunches
+        if s.status == PublishStatus.FAILED and s.updated_at is not None and s.updated_at >= since
     ]
+    done = {key: relaunches(context.instance, key) for key in failed}
+    keys = [key for key in failed if done[key] < tiers.scheduled_relaunches]
     if not keys:
         return SkipReason("no failed batch to re-launch")
-    asset_graph = context.repository_def.asset_graph
-    subset = AssetGraphSubset.from_asset_partition_set(
-        {AssetKeyPartitionKey(asset, key) for asset in BATCH_ASSETS for key in keys},
-        asset_graph,
-    )
     context.log.info(f"re-launching {len(keys)} failed batch(es): {', '.join(keys[:10])}")
-    return RunRequest.for_asset_graph_subset(subset, tags={RELAUNCH_TAG: "scheduled"})
+    return [
+        RunRequest(
+            # One request per re-launch: a tick evaluated twice never launches it twice.
+            run_key=f"{key}#relaunch-{done[key] + 1}",
+            partition_key=key,
+            tags={RELAUNCH_TAG: "scheduled"},
+        )
+        for key in keys
+    ]
+
