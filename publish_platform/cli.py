@@ -334,7 +334,12 @@ def cmd_catalog_dump(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from publish_platform.dev import run_dev
 
-    return run_dev(webserver_port=args.port, s3_port=args.s3_port, demo=not args.no_demo)
+    return run_dev(
+        webserver_port=args.port,
+        s3_port=args.s3_port,
+        demo=not args.no_demo,
+        atlas_port=args.atlas_port if args.atlan else None,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (127.0.0.1)")
     dev.add_argument("--s3-port", type=int, default=9090, help="moto S3 API port (127.0.0.1)")
     dev.add_argument("--no-demo", action="store_true", help="do not land demo workflow runs")
+    dev.add_argument(
+        "--atlan",
+        action="store_true",
+        help="publish to Atlan through pyatlan: a local Atlas-compatible server unless"
+        " ATLAN_BASE_URL is set",
+    )
+    dev.add_argument("--atlas-port", type=int, default=21000, help="local Atlas server port")
     dev.set_defaults(func=cmd_dev)
 
     land = commands.add_parser("land", help="upload a folder that mirrors the object store")

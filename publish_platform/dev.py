@@ -2,12 +2,15 @@
 
 moto server on 127.0.0.1 as the S3 API, Dagster webserver + daemon on SQLite in a local home,
 the local SQLite catalog, and demo workflow runs landed: the seed sample, the real fixture run,
-then (once that is published) a changed run of the same source.
+then (once that is published) a changed run of the same source. With ``--atlan`` the batches go
+to Atlan through pyatlan: the local Atlas-compatible server (with a fresh API key that is never
+shown), unless ATLAN_BASE_URL / ATLAN_API_KEY name a real tenant.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -22,6 +25,7 @@ from publish_platform.demo import (
     partition_key_of,
     seed_sample_run,
 )
+from publish_platform.local_atlas import LocalAtlas
 from publish_platform.local_s3 import (
     LOCAL_CREDENTIALS,
     ensure_bucket,
@@ -35,7 +39,9 @@ DEMO_SETTLE_SECONDS = "5"
 DEMO_SENSOR_INTERVAL = "5"
 
 
-def run_dev(webserver_port: int, s3_port: int, demo: bool = True) -> int:
+def run_dev(
+    webserver_port: int, s3_port: int, demo: bool = True, atlas_port: int | None = None
+) -> int:
     home = Path(os.environ.get("PUBLISH_PLATFORM_HOME", ".publish_platform")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     dagster_home = Path(os.environ.get("DAGSTER_HOME", home / "dagster")).resolve()
@@ -51,6 +57,12 @@ def run_dev(webserver_port: int, s3_port: int, demo: bool = True) -> int:
             "PUBLISH_PLATFORM_SENSOR_INTERVAL_SECONDS", DEMO_SENSOR_INTERVAL
         ),
     }
+    atlas = None
+    if atlas_port is not None:
+        env["PUBLISH_PLATFORM_METASTORE"] = "atlan"
+        if not os.environ.get("ATLAN_BASE_URL"):
+            atlas = LocalAtlas(atlas_port, api_key=secrets.token_urlsafe(24)).__enter__()
+            env.update({"ATLAN_BASE_URL": atlas.url, "ATLAN_API_KEY": atlas.store.api_key or ""})
     os.environ.update(env)
     settings = load_settings()
     # moto keeps S3 in memory, so the state store starts empty: start the catalog and the
@@ -73,7 +85,7 @@ def run_dev(webserver_port: int, s3_port: int, demo: bool = True) -> int:
             print(f"S3 API (moto)   {env['AWS_ENDPOINT_URL']}")
             print(f"landing         {settings.landing_location}")
             print(f"state           {settings.state_location}")
-            print(f"catalog         {settings.metastore_display}")
+            print(f"metastore       {settings.metastore_display}")
             print(f"DAGSTER_HOME    {dagster_home}")
             dagster = start_dagster(env, webserver_port, log_dir)
             print(f"Dagster UI      {dagster.url}   (logs in {log_dir}; Ctrl-C stops)")
@@ -85,6 +97,8 @@ def run_dev(webserver_port: int, s3_port: int, demo: bool = True) -> int:
                 dagster.stop()
             moto.terminate()
             moto.wait(timeout=30)
+            if atlas is not None:
+                atlas.__exit__()
     return 0
 
 
