@@ -142,6 +142,18 @@ def test_the_pipeline_publishes_to_atlan_through_pyatlan(tmp_path: Path, moto_en
             assert resynced.status == PublishStatus.COMPLETE, resynced.failure_details
             assert _mutations(atlas) == []
 
+            # The API key is in no file the platform wrote (event log, compute logs, process
+            # logs) and in no object of the state store.
+            key = ATLAN_TEST_KEY.encode()
+            leaked = [p for p in tmp_path.rglob("*") if p.is_file() and key in p.read_bytes()]
+            assert leaked == []
+            s3 = s3_client(moto_endpoint)
+            bucket = S3Location.parse(platform.env["PUBLISH_PLATFORM_STATE"]).bucket
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                for item in page.get("Contents", []):
+                    body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                    assert key not in body, item["Key"]
+
 
 def _source_entities(source: str) -> list[dict]:
     """Database, schema, 6 tables of 5 columns: 38 entities."""
