@@ -112,23 +112,33 @@ def _counts(state: Any) -> str:
 # --- status ----------------------------------------------------------------------------------
 
 
-def _dead_letters(settings: Settings) -> Any:
-    from publish_platform.dead_letters import DeadLetterQueue
+def _state_store(settings: Settings) -> Any:
     from publish_platform.local_s3 import s3_client
     from publish_platform.state import StateStore
 
-    return DeadLetterQueue(StateStore(s3_client(), settings.state_location))
+    return StateStore(s3_client(), settings.state_location)
+
+
+def _dead_letters(settings: Settings) -> Any:
+    from publish_platform.dead_letters import DeadLetterQueue
+
+    return DeadLetterQueue(_state_store(settings))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from publish_platform.publish_state import derive_states
+    from datetime import UTC, datetime
+
+    from publish_platform.observability import current_states, queue_metrics
 
     settings = load_settings()
-    dead = {e.partition_key: e.last_run_id for e in _dead_letters(settings).list()}
-    states = derive_states(_instance(settings), settings.landing, dead_letters=dead)
-    states.sort(key=lambda s: (s.created_at is None, s.created_at or 0, s.partition_key))
+    states = current_states(_instance(settings), settings, _state_store(settings))
     if args.json:
-        _print_json(states)
+        queue = queue_metrics(states, datetime.now(UTC), settings.monitor_window)
+        payload = {
+            "queue": queue.model_dump(mode="json"),
+            "batches": [s.model_dump(mode="json") for s in states],
+        }
+        sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     header = ("PARTITION", "SOURCE", "STATUS", "COUNTS", "STARTED", "UPDATED")
     rows = [
@@ -146,6 +156,72 @@ def cmd_status(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
     return 0
+
+
+def cmd_status_page(args: argparse.Namespace) -> int:
+    """The status page as the monitoring schedule last wrote it (``--now``: regenerate first);
+    written to a folder and/or served on 127.0.0.1."""
+    from datetime import UTC, datetime
+
+    from publish_platform.observability import current_states
+    from publish_platform.status_page import publish_status_page, read_status_page
+
+    settings = load_settings()
+    state = _state_store(settings)
+    if args.now:
+        states = current_states(_instance(settings), settings, state)
+        url = publish_status_page(state, states, datetime.now(UTC), settings.sla_minutes)
+        print(f"regenerated {url}")
+    files = read_status_page(state)
+    if files is None:
+        print(
+            "no status page yet: the monitoring schedule has not run (use --now)", file=sys.stderr
+        )
+        return 1
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+        print(f"wrote {', '.join(sorted(files))} to {out}")
+    if args.serve:
+        _serve_status_page(state, args.port)
+    return 0
+
+
+def _serve_status_page(state: Any, port: int) -> None:
+    """Serve the stored page, read afresh from the state store on every request."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from publish_platform.status_page import DOCUMENT_NAME, PAGE_NAME, read_status_page
+
+    types = {PAGE_NAME: "text/html; charset=utf-8", DOCUMENT_NAME: "application/json"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            name = self.path.split("?", 1)[0].lstrip("/") or PAGE_NAME
+            files = read_status_page(state) or {}
+            if name not in types or name not in files:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", types[name])
+            self.send_header("Content-Length", str(len(files[name])))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(files[name])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    print(f"serving the status page on http://127.0.0.1:{server.server_address[1]}/", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 # --- approve, republish, rollback ----------------------------------------------------------
@@ -372,8 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
     drain.set_defaults(func=cmd_drain)
 
     status = commands.add_parser("status", help="one row per batch")
-    status.add_argument("--json", action="store_true", help="PublishState list as JSON")
+    status.add_argument(
+        "--json", action="store_true", help='{"queue": metrics, "batches": [PublishState]}'
+    )
     status.set_defaults(func=cmd_status)
+
+    page = commands.add_parser("status-page", help="the customer-facing status page")
+    page.add_argument("--now", action="store_true", help="regenerate it from the event log first")
+    page.add_argument("--out", help="write index.html and status.json to this folder")
+    page.add_argument("--serve", action="store_true", help="serve it on 127.0.0.1")
+    page.add_argument("--port", type=int, default=8080)
+    page.set_defaults(func=cmd_status_page)
 
     def launch_options(command: argparse.ArgumentParser) -> None:
         command.add_argument(

@@ -8,13 +8,17 @@ these settings: S3 credentials come from boto3's own variables, Atlan's from pya
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from publish_platform.observability import AlertThresholds
 
 DEFAULT_VOLATILE_ATTRIBUTES = ("lastSyncRun", "lastSyncRunAt", "lastSyncWorkflowName")
 
@@ -121,6 +125,20 @@ class Settings(BaseSettings):
         description="Longest cool-down waited inside a step; a longer one releases the worker"
         " and retries the step later (tier 2, never before Retry-After).",
     )
+    # Monitoring and alerts.
+    sla_minutes: float = Field(
+        default=60.0, gt=0, description="Landing → published, per batch: what the page promises."
+    )
+    monitor_window_hours: float = Field(
+        default=1.0, gt=0, description="Window of throughput, error rate and latency metrics."
+    )
+    monitor_cron: str = Field(
+        default="* * * * *", description="When queue metrics and the status page are refreshed."
+    )
+    alert_queue_depth: int = Field(default=100, ge=1, description="Batches in flight to alert at.")
+    alert_queue_age_minutes: float = Field(
+        default=30.0, gt=0, description="Age of the oldest batch in flight to alert at."
+    )
     rate_limit_url: str = Field(
         default="",
         description="Database holding the shared Atlan request budget (default: SQLite file in"
@@ -164,6 +182,20 @@ class Settings(BaseSettings):
         if self.metastore:
             return self.metastore
         return f"sqlite:///{(self.home / 'catalog.sqlite').resolve()}"
+
+    @property
+    def monitor_window(self) -> timedelta:
+        return timedelta(hours=self.monitor_window_hours)
+
+    @property
+    def alert_thresholds(self) -> AlertThresholds:
+        from publish_platform.observability import AlertThresholds
+
+        return AlertThresholds(
+            queue_depth=self.alert_queue_depth,
+            queue_age_minutes=self.alert_queue_age_minutes,
+            sla_minutes=self.sla_minutes,
+        )
 
     @property
     def publish_chunk_size(self) -> int:

@@ -11,10 +11,13 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from publish_platform.publish_state import PublishState, PublishStatus
+from publish_platform.config import Settings
+from publish_platform.publish_state import PublishState, PublishStatus, derive_states
+from publish_platform.state import StateStore
 
 IN_FLIGHT = {
     PublishStatus.PENDING,
@@ -26,6 +29,16 @@ SUCCEEDED = {PublishStatus.COMPLETE, PublishStatus.SUPERSEDED, PublishStatus.SKI
 ERRORED = {PublishStatus.FAILED, PublishStatus.DEAD_LETTERED, PublishStatus.QUARANTINED}
 FINISHED = SUCCEEDED | ERRORED
 UNKNOWN_SOURCE = "(unknown source)"
+
+
+def current_states(instance: Any, settings: Settings, state: StateStore) -> list[PublishState]:
+    """Every batch's publish-state, dead letters included (what operators and pages see)."""
+    from publish_platform.dead_letters import DeadLetterQueue
+
+    dead = {e.partition_key: e.last_run_id for e in DeadLetterQueue(state).list()}
+    states = derive_states(instance, settings.landing, dead_letters=dead)
+    states.sort(key=lambda s: (s.created_at is None, s.created_at or 0, s.partition_key))
+    return states
 
 
 def source_of(state: PublishState) -> str:

@@ -93,6 +93,8 @@ class PublishSummary(BaseModel):
     requests: int = 0
     split_chunks: int = 0
     snapshot_entities: int = 0
+    snapshot_relationships: int = 0
+    landed_at: datetime | None = None
     failures_preview: list[dict[str, Any]] = Field(default_factory=list)
     duration_s: float = 0.0
 
@@ -338,7 +340,10 @@ def run_publish(
     started = time.perf_counter()
     summary, _ = read_diff(state, partition_key)
     result = PublishSummary(
-        partition_key=partition_key, outcome="not_publishable", source=summary.source
+        partition_key=partition_key,
+        outcome="not_publishable",
+        source=summary.source,
+        landed_at=summary.landed_at,
     )
     if summary.outcome != "diffed":
         result.outcome = "superseded" if summary.outcome == "superseded" else "not_publishable"
@@ -416,6 +421,7 @@ def run_publish(
     result.resumed = outcome.resumed
     result.immediate_retries = outcome.immediate_retries
     result.snapshot_entities = snapshot.height
+    result.snapshot_relationships = int(snapshot["references"].list.len().sum() or 0)
     result.failures_preview = (
         failed.select("type_name", "qualified_name", "error").head(ISSUE_PREVIEW).to_dicts()
     )

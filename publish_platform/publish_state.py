@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from publish_platform.landing import RunRef
+from publish_platform.ordering import SOURCE_TAG
+from publish_platform.ordering import UNKNOWN_SOURCE as UNKNOWN_SOURCE_TAG
 
 
 class PublishStatus(StrEnum):
@@ -55,9 +57,12 @@ class BatchMetrics(BaseModel):
     relationships_added: int = 0
     relationships_removed: int = 0
     relationships_repointed: int = 0
+    snapshot_relationships: int = 0
     diff_s: float | None = None
     plan_s: float | None = None
     publish_s: float | None = None
+    queue_wait_s: float | None = None  # run created → run started
+    latency_s: float | None = None  # landed → published
 
 
 class FailureDetails(BaseModel):
@@ -213,6 +218,10 @@ def _apply_run(instance: Any, state: PublishState, record: Any, event_types: Any
                 )[:4000],
             )
 
+    # Known from the run's tags before diff has read the batch (queued runs have a source too).
+    tagged = run.tags.get(SOURCE_TAG)
+    if tagged and tagged != UNKNOWN_SOURCE_TAG:
+        state.source_id = tagged
     for metadata in materialized.values():
         for name, value in metadata.items():
             if name in _METRIC_FIELDS and isinstance(value, int | float):

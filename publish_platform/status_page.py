@@ -28,10 +28,11 @@ from publish_platform.observability import (
     trends,
 )
 from publish_platform.publish_state import PublishState, PublishStatus
+from publish_platform.state import StateStore
 
 HISTORY_RUNS = 20
-PAGE_KEY = "status/index.html"
-DOCUMENT_KEY = "status/status.json"
+STATUS_FOLDER = "status"
+PAGE_NAME, DOCUMENT_NAME = "index.html", "status.json"
 
 SyncStatus = Literal["healthy", "publishing", "delayed", "held", "failing"]
 
@@ -136,7 +137,7 @@ def _source_status(
                 partition_key=s.partition_key,
                 status=s.status,
                 finished_at=s.updated_at,
-                latency_s=latency_s(s),
+                latency_s=latency_s(s) if s.status == PublishStatus.COMPLETE else None,
                 entities=s.metrics.creates + s.metrics.updates + s.metrics.deletes,
             )
             for s in finished[:HISTORY_RUNS]
@@ -164,7 +165,8 @@ body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1
 h1{margin-bottom:.2rem} .muted{color:#656d76;font-size:.9rem}
 .source{border:1px solid #d0d7de;border-radius:8px;padding:1rem;margin:1rem 0}
 .badge{display:inline-block;color:#fff;border-radius:1rem;padding:.1rem .7rem;font-size:.85rem}
-table{border-collapse:collapse;width:100%;font-size:.85rem} td,th{text-align:left;padding:.2rem .5rem}
+table{border-collapse:collapse;width:100%;font-size:.85rem}
+td,th{text-align:left;padding:.2rem .5rem}
 tr:nth-child(even){background:#f6f8fa} .grid{display:grid;grid-template-columns:1fr 1fr;gap:1rem}
 """
 
@@ -189,12 +191,12 @@ def _history_chart(history: list[BatchLine]) -> str:
     if not runs:
         return '<p class="muted">no finished runs yet</p>'
     width, height, gap = 600, 120, 4
-    bar = max(4, (width - gap * len(runs)) // len(runs))
+    bar = min(28, max(4, (width - gap * len(runs)) // len(runs)))
     top = max((r.latency_s or 0.0) for r in runs) or 1.0
     bars = []
     for index, run in enumerate(runs):
-        value = run.latency_s or 0.0
-        h = max(2, int(value / top * (height - 20)))
+        value = run.latency_s or 0.0  # runs that did not publish: a short mark in their colour
+        h = max(6, int(value / top * (height - 20)))
         color = RUN_COLORS.get(run.status, "#cf222e")
         x = index * (bar + gap)
         bars.append(
@@ -221,12 +223,17 @@ def _source_section(source: SourceStatus) -> str:
         f"<td>{_when(b.finished_at)}</td><td>{_seconds(b.latency_s)}</td><td>{b.entities}</td></tr>"
         for b in source.history[:10]
     )
+    in_flight_table = (
+        "<h3>In flight</h3><table><tr><th>batch</th><th>status</th>"
+        f"<th>estimated completion</th></tr>{in_flight}</table>"
+        if in_flight
+        else ""
+    )
     return f"""
 <section class="source" data-source="{_e(source.source)}" data-status="{source.status}">
   <h2>{_e(source.source)} <span class="badge" style="background:{color}">{source.status}</span></h2>
   <p>{_e(source.summary)} · last successful publish: <b>{_when(source.last_success_at)}</b></p>
-  {"<h3>In flight</h3><table><tr><th>batch</th><th>status</th><th>estimated completion</th></tr>"
-   + in_flight + "</table>" if in_flight else ""}
+  {in_flight_table}
   <h3>Last runs</h3>
   {_history_chart(source.history)}
   <table><tr><th>batch</th><th>status</th><th>finished</th><th>landed → published</th>
@@ -299,3 +306,26 @@ p95 {_seconds(q.latency_p95_s)} · error rate
 {_trend_section(document)}
 </body></html>
 """
+
+
+def publish_status_page(
+    state: StateStore, states: Sequence[PublishState], now: datetime, sla_minutes: float
+) -> str:
+    """Render and store the page and its JSON in the state store; returns the page's URL."""
+    document = status_document(states, now, sla_minutes)
+    document_key = state.location.key(STATUS_FOLDER, DOCUMENT_NAME)
+    state.put_bytes(document_key, document.model_dump_json(indent=2).encode())
+    page_key = state.location.key(STATUS_FOLDER, PAGE_NAME)
+    state.put_bytes(page_key, render_html(document).encode())
+    return state.url(page_key)
+
+
+def read_status_page(state: StateStore) -> dict[str, bytes] | None:
+    """The stored page and document by file name, or None if none was generated yet."""
+    files = {}
+    for name in (PAGE_NAME, DOCUMENT_NAME):
+        found = state.get_bytes(state.location.key(STATUS_FOLDER, name))
+        if found is None:
+            return None
+        files[name] = found[0]
+    return files

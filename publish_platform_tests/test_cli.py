@@ -42,7 +42,7 @@ def test_land_drain_status_dump(cli, s3, settings: Settings) -> None:
     # Picked up exactly once: a second drain finds nothing new.
     assert "nothing to drain" in cli("drain").stdout
 
-    states = orjson.loads(cli("status", "--json").stdout)
+    states = orjson.loads(cli("status", "--json").stdout)["batches"]
     assert len(states) == 1
     state = states[0]
     assert state["partition_key"] == UPSTREAM_REF.partition_key
@@ -69,7 +69,7 @@ def test_drain_fails_when_a_batch_is_not_publishable(cli, s3, settings: Settings
     drained = cli("drain", check=False)
     assert drained.returncode == 1
     assert f"{bad.partition_key}: QUARANTINED" in drained.stdout
-    state = orjson.loads(cli("status", "--json").stdout)[0]
+    state = orjson.loads(cli("status", "--json").stdout)["batches"][0]
     assert state["status"] == "QUARANTINED"
     assert "sha256" in state["failure_details"]["message"]
     assert cli("catalog", "dump").stdout == ""  # nothing of it was published
@@ -93,7 +93,7 @@ def test_a_batch_deleting_60_percent_is_held_until_an_operator_approves(
     assert f"{shrunk.partition_key}: HELD" in held.stdout
     state = next(
         s
-        for s in orjson.loads(cli("status", "--json").stdout)
+        for s in orjson.loads(cli("status", "--json").stdout)["batches"]
         if s["partition_key"] == shrunk.partition_key
     )
     assert state["status"] == "HELD"

@@ -168,7 +168,7 @@ def test_publish_change_and_republish(platform, tmp_path: Path) -> None:
     assert all(catalog.versions(source)[k] == versions[k] + 1 for k in expected)
 
     # The status command shows every batch, as the seed's PublishState plus the partition key.
-    listed = orjson.loads(_cli(env, "status", "--json").stdout)
+    listed = orjson.loads(_cli(env, "status", "--json").stdout)["batches"]
     assert {row["partition_key"] for row in listed} == {
         first_key,
         second.partition_key,

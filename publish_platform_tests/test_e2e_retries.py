@@ -97,7 +97,7 @@ def test_a_metastore_that_stays_down_ends_in_the_dlq_and_requeue_completes_it(
         assert relaunched.tags["publish_platform/relaunch"] == "scheduled"
         assert relaunched.tags["dagster/partition"] == key
         assert all(attempt["error"] for attempt in entry["history"])
-        listed = orjson.loads(run_cli("status", "--json", env=env).stdout)
+        listed = orjson.loads(run_cli("status", "--json", env=env).stdout)["batches"]
         assert [s["status"] for s in listed] == ["DEAD_LETTERED"]
 
         time.sleep(12)  # the failure sensor would have fired again by now if it were going to

@@ -2,6 +2,7 @@
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 from dagster import (
     AssetCheckResult,
@@ -116,6 +117,7 @@ def diff(
             "landed_at": summary.landed_at.isoformat() if summary.landed_at else "",
             "forced": summary.forced,
             "diff_s": round(summary.duration_s, 3),
+            "queue_wait_s": _queue_wait_s(context),
             "diff_path": MetadataValue.path(state.url(state.batch_key(key, "diff.parquet"))),
             "issues_path": MetadataValue.path(state.url(state.batch_key(key, "issues.jsonl"))),
         }
@@ -273,11 +275,28 @@ def publish(
             "immediate_retries": result.immediate_retries,
             "replanned": result.replanned,
             "snapshot_entities": result.snapshot_entities,
+            "snapshot_relationships": result.snapshot_relationships,
             "publish_s": round(result.duration_s, 3),
+            **_latency(result.landed_at),
             "snapshot_path": MetadataValue.path(result.snapshot_key or ""),
             "failures": MetadataValue.json(result.failures_preview),
         }
     )
+
+
+def _queue_wait_s(context: AssetExecutionContext) -> float:
+    """How long this run waited in the queue (created → started)."""
+    record = context.instance.get_run_record_by_id(context.run_id)
+    if record is None or record.start_time is None:
+        return 0.0
+    return round(max(0.0, record.start_time - record.create_timestamp.timestamp()), 3)
+
+
+def _latency(landed_at: datetime | None) -> dict[str, float]:
+    """Landed → published, for the UI's plots and the status page."""
+    if landed_at is None:
+        return {}
+    return {"latency_s": round((datetime.now(UTC) - landed_at).total_seconds(), 3)}
 
 
 def _metadata_value(value: object) -> object:

@@ -211,4 +211,3 @@ def relaunch_failed_batches(
         )
         for key in keys
     ]
-
