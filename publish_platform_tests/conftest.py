@@ -7,10 +7,13 @@ boto3 over HTTP, exactly as every platform process reaches it, and Postgres is a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +174,32 @@ def atlan_settings(settings: Settings, atlas: Any, monkeypatch: pytest.MonkeyPat
     """The test's settings with Atlan (the local server) as the metastore."""
     monkeypatch.setenv("PUBLISH_PLATFORM_METASTORE", "atlan")
     return settings.model_copy(update={"metastore": "atlan"})
+
+
+# --- Alerts ----------------------------------------------------------------------------------
+
+
+class _Webhook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        length = int(self.headers["Content-Length"])
+        _Webhook.received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict]]]:
+    """A webhook receiver on 127.0.0.1: ``(url, alerts received as JSON)``."""
+    _Webhook.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", local_s3.free_port()), _Webhook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/alerts", _Webhook.received
+    finally:
+        server.shutdown()

@@ -9,10 +9,7 @@ batch through the queue again and it completes with the catalog correct.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -24,38 +21,12 @@ from publish_platform.demo import (
     partition_key_of,
     read_run_entities,
 )
-from publish_platform.local_s3 import free_port
 from publish_platform.metastores.sql import SqlCatalog
 from publish_platform.publish_state import PublishStatus
 from publish_platform_tests.commands import run_cli
 from publish_platform_tests.platform_support import running_platform, wait_for_state
 
 pytestmark = pytest.mark.slow
-
-
-class _Webhook(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        length = int(self.headers["Content-Length"])
-        _Webhook.received.append(json.loads(self.rfile.read(length)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook():
-    _Webhook.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Webhook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/alerts", _Webhook.received
-    finally:
-        server.shutdown()
 
 
 def test_a_metastore_that_stays_down_ends_in_the_dlq_and_requeue_completes_it(

@@ -150,3 +150,33 @@ def _wait_until_served(url: str, timeout: float = 60) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+def test_the_alert_sensor_sends_a_queue_build_up_once(
+    history: Path, webhook, monkeypatch: pytest.MonkeyPatch
+):
+    from dagster import build_sensor_context
+
+    from publish_platform.defs import defs
+
+    url, received = webhook
+    monkeypatch.setenv("PUBLISH_PLATFORM_ALERT_WEBHOOK", url)
+    monkeypatch.setenv("PUBLISH_PLATFORM_ALERT_QUEUE_DEPTH", "1")
+    # A republish queued with no daemon to start it: one batch in flight.
+    key = RunRef("postgres", "pg-local-extract", "11111111-1111-4111-8111-111111111111")
+    run_cli("republish", key.partition_key, "--no-wait")
+
+    sensor = defs.get_sensor_def("publish_alerts")
+    instance = DagsterInstance.get()
+    try:
+        first = build_sensor_context(instance=instance, resources=defs.resources)
+        sensor(first)
+        second = build_sensor_context(
+            instance=instance, cursor=first.cursor, resources=defs.resources
+        )
+        sensor(second)
+    finally:
+        instance.dispose()
+    assert [a["kind"] for a in received] == ["queue_buildup"]
+    assert "1 batches in flight" in received[0]["summary"]
+    assert received[0]["details"]["depth_by_source"] == {UPSTREAM_SOURCE: 1}
