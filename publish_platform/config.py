@@ -133,7 +133,7 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Window of throughput, error rate and latency metrics."
     )
     monitor_cron: str = Field(
-        default="* * * * *", description="When queue metrics and the status page are refreshed."
+        default="*/5 * * * *", description="When queue metrics and the status page are refreshed."
     )
     alert_queue_depth: int = Field(default=100, ge=1, description="Batches in flight to alert at.")
     alert_queue_age_minutes: float = Field(
