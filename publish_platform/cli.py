@@ -8,6 +8,7 @@ default ``<PUBLISH_PLATFORM_HOME>/dagster``) and on the S3 and metastore configu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -404,6 +405,22 @@ def cmd_catalog_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench -----------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from publish_platform.bench import run_bench
+
+    result = run_bench(
+        args.entities, args.changes, args.seed, Path(args.keep) if args.keep else None
+    )
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 # --- dev -------------------------------------------------------------------------------------
 
 
@@ -421,6 +438,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="publish-platform", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser(
+        "bench", help="diff + plan against the parse floor and a naive baseline; publish rate"
+    )
+    bench.add_argument("--entities", type=int, default=100_000)
+    bench.add_argument("--changes", type=float, default=0.05, help="share of entities changed")
+    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--json", help="also write the result to this file")
+    bench.add_argument("--keep", help="generate into this folder and keep it")
+    bench.set_defaults(func=cmd_bench)
 
     dev = commands.add_parser(
         "dev",

@@ -1,0 +1,381 @@
+"""``publish-platform bench``: the platform's diff + plan against a parse floor and a naive
+baseline, measured side by side on the same generated batches, plus publish throughput into the
+SQLite catalog and the writes of a no-op batch.
+
+Batches are seed-shaped (the seed sample's entity shapes, mostly Columns of about 1.3 KB per
+line) and reproducible (a fixed random seed). Version 2 of the source changes, adds and deletes
+configurable shares of version 1, and carries new volatile values on every entity; version 3 is
+version 1 with only new volatile values (a no-op batch against version 1's snapshot).
+
+Each measurement runs in its own fresh interpreter, so its peak RSS is its own; inputs are files
+in a scratch folder (the snapshot of version 1 as the state store holds it: parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from publish_platform.config import DEFAULT_VOLATILE_ATTRIBUTES
+from publish_platform.demo import shared_fixtures
+
+SOURCE = "default/postgres/bench"
+COLUMNS_PER_TABLE = 40
+TABLES_PER_SCHEMA = 200
+PARTITION_KEY = "postgres/bench/run"
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+def _templates() -> dict[str, dict]:
+    sample = shared_fixtures() / "seed_sample" / "entities.jsonl"
+    found: dict[str, dict] = {}
+    for line in sample.read_bytes().splitlines():
+        if line.strip():
+            entity = orjson.loads(line)
+            found.setdefault(entity["typeName"], entity)
+    return found
+
+
+def _ref(type_name: str, qualified_name: str) -> dict:
+    return {
+        "typeName": type_name,
+        "attributes": None,
+        "uniqueAttributes": {"qualifiedName": qualified_name},
+    }
+
+
+def generate_entities(count: int, run: str, rng: random.Random) -> Iterator[dict]:
+    """``count`` entities of one source: a database, schemas, tables, and mostly columns."""
+    templates = _templates()
+    stamp = 1_760_000_000_000 + rng.randrange(10**9)
+    database = f"{SOURCE}/benchdb"
+    produced = 0
+
+    def entity(type_name: str, qualified_name: str, name: str, **extra: Any) -> dict:
+        nonlocal produced
+        produced += 1
+        template = templates[type_name]
+        attributes = {
+            **template["attributes"],
+            "qualifiedName": qualified_name,
+            "name": name,
+            "connectionQualifiedName": SOURCE,
+            "connectionName": "bench",
+            "databaseName": "benchdb",
+            "databaseQualifiedName": database,
+            "lastSyncRun": run,
+            "lastSyncRunAt": stamp,
+            "lastSyncWorkflowName": f"atlan-postgres-bench-{run}",
+            **extra,
+        }
+        return {**template, "attributes": attributes}
+
+    yield entity("Database", database, "benchdb")
+    table_number = 0
+    while produced < count:
+        schema = f"{database}/schema{table_number // TABLES_PER_SCHEMA}"
+        if table_number % TABLES_PER_SCHEMA == 0:
+            yield entity(
+                "Schema", schema, schema.rsplit("/", 1)[1], database=_ref("Database", database)
+            )
+        table = f"{schema}/table{table_number}"
+        yield entity(
+            "Table",
+            table,
+            f"table{table_number}",
+            schemaName=schema.rsplit("/", 1)[1],
+            schemaQualifiedName=schema,
+            atlanSchema=_ref("Schema", schema),
+            columnCount=COLUMNS_PER_TABLE,
+        )
+        for column in range(COLUMNS_PER_TABLE):
+            if produced >= count:
+                return
+            yield entity(
+                "Column",
+                f"{table}/col{column}",
+                f"col{column}",
+                order=column + 1,
+                schemaName=schema.rsplit("/", 1)[1],
+                schemaQualifiedName=schema,
+                tableName=f"table{table_number}",
+                tableQualifiedName=table,
+                table=_ref("Table", table),
+                description=f"column {column} of table{table_number}",
+            )
+        table_number += 1
+
+
+def write_versions(folder: Path, count: int, changes: float, seed: int = 7) -> dict[str, int]:
+    """v1.jsonl, v2.jsonl (changes: 60% changed, 20% added, 20% deleted columns; new volatile
+    values everywhere) and v3.jsonl (v1 with only new volatile values)."""
+    rng = random.Random(seed)
+    v1 = list(generate_entities(count, "run-1", rng))
+    columns = [i for i, e in enumerate(v1) if e["typeName"] == "Column"]
+    touched = rng.sample(columns, min(len(columns), int(count * changes)))
+    changed = set(touched[: len(touched) * 3 // 5])
+    deleted = set(touched[len(touched) * 3 // 5 : len(touched) * 4 // 5])
+    added = len(touched) - len(changed) - len(deleted)
+    _write(folder / "v1.jsonl", v1)
+    v2 = []
+    for index, entity in enumerate(v1):
+        if index in deleted:
+            continue
+        attributes = {
+            **entity["attributes"],
+            "lastSyncRun": "run-2",
+            "lastSyncRunAt": 1_770_000_000_000,
+        }
+        if index in changed:
+            attributes["description"] = f"changed in run 2 ({index})"
+        v2.append({**entity, "attributes": attributes})
+    for number in range(added):
+        template = v1[columns[number % len(columns)]]
+        qualified_name = template["attributes"]["tableQualifiedName"] + f"/added{number}"
+        v2.append(
+            {
+                **template,
+                "attributes": {
+                    **template["attributes"],
+                    "qualifiedName": qualified_name,
+                    "name": f"added{number}",
+                    "lastSyncRun": "run-2",
+                    "lastSyncRunAt": 1_770_000_000_000,
+                },
+            }
+        )
+    _write(folder / "v2.jsonl", v2)
+    v3 = [
+        {
+            **e,
+            "attributes": {
+                **e["attributes"],
+                "lastSyncRun": "run-3",
+                "lastSyncRunAt": 1_780_000_000_000,
+            },
+        }
+        for e in v1
+    ]
+    _write(folder / "v3.jsonl", v3)
+    return {
+        "changed": len(changed),
+        "added": added,
+        "deleted": len(deleted),
+        "v2_entities": len(v2),
+    }
+
+
+def _write(path: Path, entities: list[dict]) -> None:
+    with open(path, "wb") as out:
+        for entity in entities:
+            out.write(orjson.dumps(entity) + b"\n")
+
+
+# --- measurements (each in its own interpreter) ----------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as data:
+        for line in data:
+            if line.strip():
+                yield line
+
+
+def measure_parse_floor(folder: Path) -> dict[str, float]:
+    """orjson parsing every line of v2, on one core: what any reader of the batch must pay."""
+    started = time.perf_counter()
+    count = 0
+    for line in _lines(folder / "v2.jsonl"):
+        orjson.loads(line)
+        count += 1
+    return {"seconds": time.perf_counter() - started, "lines": count}
+
+
+def measure_naive(folder: Path) -> dict[str, float]:
+    """json.loads, drop volatile keys, json.dumps(sort_keys), md5, Python dict compare."""
+    import hashlib
+
+    volatile = set(DEFAULT_VOLATILE_ATTRIBUTES)
+
+    def hashes(path: Path) -> dict[tuple[str, str], str]:
+        found = {}
+        for line in _lines(path):
+            entity = json.loads(line)
+            attributes = {k: v for k, v in entity["attributes"].items() if k not in volatile}
+            canonical = json.dumps({**entity, "attributes": attributes}, sort_keys=True)
+            found[(entity["typeName"], attributes["qualifiedName"])] = hashlib.md5(  # noqa: S324
+                canonical.encode()
+            ).hexdigest()
+        return found
+
+    before = hashes(folder / "v1.jsonl")  # the stored state: not timed
+    started = time.perf_counter()
+    after = hashes(folder / "v2.jsonl")
+    creates = sum(1 for k in after if k not in before)
+    updates = sum(1 for k, h in after.items() if k in before and before[k] != h)
+    deletes = sum(1 for k in before if k not in after)
+    return {
+        "seconds": time.perf_counter() - started,
+        "creates": creates,
+        "updates": updates,
+        "deletes": deletes,
+    }
+
+
+def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
+    from publish_platform.diff import diff_batch
+    from publish_platform.entities import parse_files
+    from publish_platform.plan import build_plan
+
+    data = (folder / f"{version}.jsonl").read_bytes()
+    parsed = parse_files([(f"{version}.jsonl", data)], DEFAULT_VOLATILE_ATTRIBUTES)
+    del data
+    diff = diff_batch(parsed, snapshot, SOURCE, "full")
+    return build_plan(diff, PARTITION_KEY, 1, snapshot=snapshot)
+
+
+def prepare_snapshot(folder: Path) -> dict[str, float]:
+    """v1 as published: its snapshot, as the state store holds it (not timed)."""
+    import polars as pl
+
+    from publish_platform.publish import RESULT_SCHEMA, next_snapshot
+    from publish_platform.state import empty_snapshot
+
+    plan = _diff_plan(folder, "v1", empty_snapshot())
+    results = pl.DataFrame(
+        {"seq": plan.operations["seq"], "ok": True, "guid": None, "error": None},
+        schema=RESULT_SCHEMA,
+    )
+    snapshot = next_snapshot(empty_snapshot(), plan.operations, results)
+    snapshot.write_parquet(folder / "snapshot-v1.parquet")
+    plan.operations.write_parquet(folder / "plan-v1.parquet")
+    return {"entities": snapshot.height}
+
+
+def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:
+    import polars as pl
+
+    snapshot = pl.read_parquet(folder / "snapshot-v1.parquet")
+    started = time.perf_counter()
+    plan = _diff_plan(folder, version, snapshot)
+    header = plan.header
+    return {
+        "seconds": time.perf_counter() - started,
+        "creates": header.creates,
+        "updates": header.updates,
+        "deletes": header.deletes,
+        "operations": header.operations,
+    }
+
+
+def measure_publish(folder: Path) -> dict[str, float]:
+    """The first publish of v1 (every entity created) into a fresh SQLite catalog; then the
+    no-op batch v3 against it: its plan's writes and the catalog's write counters."""
+    import polars as pl
+
+    from publish_platform.metastores.sql import SqlCatalog
+    from publish_platform.publish import execute_plan
+
+    operations = pl.read_parquet(folder / "plan-v1.parquet")
+    catalog = SqlCatalog(f"sqlite:///{folder / 'catalog.sqlite'}")
+    try:
+        started = time.perf_counter()
+        outcome = execute_plan(operations, catalog, chunk_size=500)
+        seconds = time.perf_counter() - started
+        before = sum(catalog.versions().values())
+        snapshot = pl.read_parquet(folder / "snapshot-v1.parquet")
+        noop_plan = _diff_plan(folder, "v3", snapshot)
+        execute_plan(noop_plan.operations, catalog, chunk_size=500)
+        writes = sum(catalog.versions().values()) - before
+    finally:
+        catalog.close()
+    return {
+        "seconds": seconds,
+        "published": outcome.succeeded,
+        "entities_per_s": outcome.succeeded / seconds if seconds else 0.0,
+        "noop_operations": noop_plan.header.operations,
+        "noop_writes": writes,
+    }
+
+
+PHASES = {
+    "prepare": prepare_snapshot,
+    "parse_floor": measure_parse_floor,
+    "naive": measure_naive,
+    "diff_plan": measure_diff_plan,
+    "publish": measure_publish,
+}
+
+
+def _run_phase(name: str, folder: Path) -> dict[str, float]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "publish_platform.bench", name, str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"bench phase {name} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def run_bench(entities: int, changes: float, seed: int = 7, keep: Path | None = None) -> dict:
+    """All measurements on one set of generated batches; the JSON the bench command prints."""
+    with tempfile.TemporaryDirectory(prefix="publish-bench-") as scratch:
+        folder = keep or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        shares = write_versions(folder, entities, changes, seed)
+        generate_s = time.perf_counter() - started
+        _run_phase("prepare", folder)
+        floor = _run_phase("parse_floor", folder)
+        naive = _run_phase("naive", folder)
+        platform = _run_phase("diff_plan", folder)
+        publish = _run_phase("publish", folder)
+        v2_bytes = (folder / "v2.jsonl").stat().st_size
+    return {
+        "entities": entities,
+        "v2_entities": shares["v2_entities"],
+        "v2_mb": round(v2_bytes / 2**20, 1),
+        "changes": {k: shares[k] for k in ("changed", "added", "deleted")},
+        "generate_s": round(generate_s, 3),
+        "parse_floor_s": round(floor["seconds"], 3),
+        "naive_s": round(naive["seconds"], 3),
+        "diff_plan_s": round(platform["seconds"], 3),
+        "ratio_vs_parse_floor": round(platform["seconds"] / floor["seconds"], 3),
+        "speedup_vs_naive": round(naive["seconds"] / platform["seconds"], 3),
+        "peak_rss_mb": round(platform["peak_rss_mb"], 1),
+        "parse_floor_peak_rss_mb": round(floor["peak_rss_mb"], 1),
+        "naive_peak_rss_mb": round(naive["peak_rss_mb"], 1),
+        "plan": {k: platform[k] for k in ("creates", "updates", "deletes", "operations")},
+        "naive_found": {k: naive[k] for k in ("creates", "updates", "deletes")},
+        "publish_entities_per_s": round(publish["entities_per_s"], 1),
+        "publish_s": round(publish["seconds"], 3),
+        "noop_operations": publish["noop_operations"],
+        "noop_writes": publish["noop_writes"],
+        "cpu_count": os.cpu_count(),
+    }
+
+
+if __name__ == "__main__":
+    phase, where = sys.argv[1], Path(sys.argv[2])
+    measured = PHASES[phase](where)
+    measured["peak_rss_mb"] = _peak_rss_mb()
+    print(json.dumps(measured))

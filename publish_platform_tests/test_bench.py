@@ -1,0 +1,37 @@
+"""The bench command on a small batch: every measurement present, the platform and the naive
+baseline find the same changes, and a no-op batch writes nothing. (Speed is reported by the
+command, never asserted here.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from publish_platform_tests.commands import run_cli
+
+KEYS = {
+    "entities",
+    "parse_floor_s",
+    "naive_s",
+    "diff_plan_s",
+    "ratio_vs_parse_floor",
+    "speedup_vs_naive",
+    "peak_rss_mb",
+    "publish_entities_per_s",
+    "noop_writes",
+}
+
+
+def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    run_cli("bench", "--entities", "3000", "--changes", "0.1", "--json", str(out))
+    result = json.loads(out.read_text())
+
+    assert set(result) >= KEYS
+    assert result["entities"] == 3000
+    assert result["changes"] == {"changed": 180, "added": 60, "deleted": 60}
+    assert result["plan"]["creates"] == result["naive_found"]["creates"] == 60
+    assert result["plan"]["updates"] == result["naive_found"]["updates"] == 180
+    assert result["plan"]["deletes"] == result["naive_found"]["deletes"] == 60
+    assert result["noop_operations"] == 0 and result["noop_writes"] == 0
+    assert result["publish_entities_per_s"] > 0 and result["peak_rss_mb"] > 0
