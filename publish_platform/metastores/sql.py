@@ -106,8 +106,28 @@ class SqlCatalog:
         self.engine = create_catalog_engine(url)
         with _transient_as_metastore_errors():
             metadata.create_all(self.engine, checkfirst=True)
-        dialect = self.engine.dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        # One statement, compiled once and run with many parameter sets (SQLAlchemy batches
+        # them into multi-row INSERT … RETURNING): compiling a 500-row VALUES clause per chunk
+        # cost more than the database's own work. Rows come back matched by identity, so their
+        # order does not matter.
+        statement = insert(entities)
+        excluded = statement.excluded
+        self._upsert = statement.on_conflict_do_update(
+            index_elements=["type_name", "qualified_name"],
+            set_={
+                "connection_qualified_name": excluded.connection_qualified_name,
+                "status": "ACTIVE",
+                "entity": excluded.entity,
+                "content_hash": excluded.content_hash,
+                "version": entities.c.version + 1,
+                "updated_at": excluded.updated_at,
+            },
+        ).returning(
+            entities.c.guid,
+            entities.c.type_name,
+            entities.c.qualified_name,
+        )
 
     def upsert(self, writes: Sequence[EntityWrite]) -> list[WriteResult]:
         if not writes:
@@ -128,23 +148,10 @@ class SqlCatalog:
             }
             for write in writes
         ]
-        statement = self._insert(entities).values(rows)
-        excluded = statement.excluded
-        statement = statement.on_conflict_do_update(
-            index_elements=["type_name", "qualified_name"],
-            set_={
-                "connection_qualified_name": excluded.connection_qualified_name,
-                "status": "ACTIVE",
-                "entity": excluded.entity,
-                "content_hash": excluded.content_hash,
-                "version": entities.c.version + 1,
-                "updated_at": excluded.updated_at,
-            },
-        ).returning(entities.c.guid, entities.c.type_name, entities.c.qualified_name)
         with _transient_as_metastore_errors(), self.engine.begin() as connection:
             returned = {
                 (row.type_name, row.qualified_name): row.guid
-                for row in connection.execute(statement)
+                for row in connection.execute(self._upsert, rows)
             }
             guids = list(returned.values())
             connection.execute(sa.delete(relationships).where(relationships.c.from_guid.in_(guids)))
