@@ -120,68 +120,50 @@ def generate_entities(count: int, run: str, rng: random.Random) -> Iterator[dict
 
 
 def write_versions(folder: Path, count: int, changes: float, seed: int = 7) -> dict[str, int]:
-    """v1.jsonl, v2.jsonl (changes: 60% changed, 20% added, 20% deleted columns; new volatile
-    values everywhere) and v3.jsonl (v1 with only new volatile values)."""
+    """v1.jsonl; v2.jsonl: each column changed, deleted or followed by an added column with
+    probabilities 60%, 20% and 20% of ``changes``, and new volatile values everywhere; v3.jsonl:
+    v1 with only new volatile values. Streamed: memory stays flat whatever ``count`` is."""
     rng = random.Random(seed)
-    v1 = list(generate_entities(count, "run-1", rng))
-    columns = [i for i, e in enumerate(v1) if e["typeName"] == "Column"]
-    touched = rng.sample(columns, min(len(columns), int(count * changes)))
-    changed = set(touched[: len(touched) * 3 // 5])
-    deleted = set(touched[len(touched) * 3 // 5 : len(touched) * 4 // 5])
-    added = len(touched) - len(changed) - len(deleted)
-    _write(folder / "v1.jsonl", v1)
-    v2 = []
-    for index, entity in enumerate(v1):
-        if index in deleted:
-            continue
-        attributes = {
-            **entity["attributes"],
-            "lastSyncRun": "run-2",
-            "lastSyncRunAt": 1_770_000_000_000,
-        }
-        if index in changed:
-            attributes["description"] = f"changed in run 2 ({index})"
-        v2.append({**entity, "attributes": attributes})
-    for number in range(added):
-        template = v1[columns[number % len(columns)]]
-        qualified_name = template["attributes"]["tableQualifiedName"] + f"/added{number}"
-        v2.append(
-            {
-                **template,
-                "attributes": {
-                    **template["attributes"],
-                    "qualifiedName": qualified_name,
-                    "name": f"added{number}",
-                    "lastSyncRun": "run-2",
-                    "lastSyncRunAt": 1_770_000_000_000,
-                },
-            }
-        )
-    _write(folder / "v2.jsonl", v2)
-    v3 = [
-        {
-            **e,
-            "attributes": {
-                **e["attributes"],
-                "lastSyncRun": "run-3",
-                "lastSyncRunAt": 1_780_000_000_000,
-            },
-        }
-        for e in v1
-    ]
-    _write(folder / "v3.jsonl", v3)
-    return {
-        "changed": len(changed),
-        "added": added,
-        "deleted": len(deleted),
-        "v2_entities": len(v2),
-    }
+    counts = {"changed": 0, "added": 0, "deleted": 0, "v2_entities": 0}
 
+    def resynced(entity: dict, run: str, at: int, **changed: object) -> bytes:
+        attributes = {**entity["attributes"], "lastSyncRun": run, "lastSyncRunAt": at, **changed}
+        return orjson.dumps({**entity, "attributes": attributes}) + b"\n"
 
-def _write(path: Path, entities: list[dict]) -> None:
-    with open(path, "wb") as out:
-        for entity in entities:
-            out.write(orjson.dumps(entity) + b"\n")
+    with (
+        open(folder / "v1.jsonl", "wb") as v1,
+        open(folder / "v2.jsonl", "wb") as v2,
+        open(folder / "v3.jsonl", "wb") as v3,
+    ):
+        for index, entity in enumerate(generate_entities(count, "run-1", rng)):
+            v1.write(orjson.dumps(entity) + b"\n")
+            v3.write(resynced(entity, "run-3", 1_780_000_000_000))
+            draw = rng.random() if entity["typeName"] == "Column" else 1.0
+            if draw < changes * 0.2:
+                counts["deleted"] += 1
+                continue
+            if draw < changes * 0.8:
+                counts["changed"] += 1
+                v2.write(
+                    resynced(entity, "run-2", 1_770_000_000_000, description=f"changed {index}")
+                )
+            else:
+                v2.write(resynced(entity, "run-2", 1_770_000_000_000))
+            counts["v2_entities"] += 1
+            if changes * 0.8 <= draw < changes:
+                counts["added"] += 1
+                counts["v2_entities"] += 1
+                qualified_name = entity["attributes"]["tableQualifiedName"] + f"/added{index}"
+                v2.write(
+                    resynced(
+                        entity,
+                        "run-2",
+                        1_770_000_000_000,
+                        qualifiedName=qualified_name,
+                        name=f"added{index}",
+                    )
+                )
+    return counts
 
 
 # --- measurements (each in its own interpreter) ----------------------------------------------

@@ -29,9 +29,10 @@ def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: 
 
     assert set(result) >= KEYS
     assert result["entities"] == 3000
-    assert result["changes"] == {"changed": 180, "added": 60, "deleted": 60}
-    assert result["plan"]["creates"] == result["naive_found"]["creates"] == 60
-    assert result["plan"]["updates"] == result["naive_found"]["updates"] == 180
-    assert result["plan"]["deletes"] == result["naive_found"]["deletes"] == 60
+    changes = result["changes"]
+    assert 100 < changes["changed"] < 260 and 20 < changes["added"] < 100
+    assert result["plan"]["creates"] == result["naive_found"]["creates"] == changes["added"]
+    assert result["plan"]["updates"] == result["naive_found"]["updates"] == changes["changed"]
+    assert result["plan"]["deletes"] == result["naive_found"]["deletes"] == changes["deleted"]
     assert result["noop_operations"] == 0 and result["noop_writes"] == 0
     assert result["publish_entities_per_s"] > 0 and result["peak_rss_mb"] > 0
