@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,12 +229,14 @@ def measure_naive(folder: Path) -> dict[str, float]:
 
 def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
     """What the diff and plan steps compute for a batch (imports are done by the caller)."""
-    from publish_platform.diff import diff_batch
+    from publish_platform.diff import diff_batch, recognisable
     from publish_platform.entities import parse_files
     from publish_platform.plan import build_plan
 
     data = (folder / f"{version}.jsonl").read_bytes()
-    parsed = parse_files([(f"{version}.jsonl", data)], DEFAULT_VOLATILE_ATTRIBUTES)
+    parsed = parse_files(
+        [(f"{version}.jsonl", data)], DEFAULT_VOLATILE_ATTRIBUTES, known_raw=recognisable(snapshot)
+    )
     del data
     diff = diff_batch(parsed, snapshot, SOURCE, "full")
     return build_plan(diff, PARTITION_KEY, 1, snapshot=snapshot)
@@ -263,8 +266,12 @@ def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:
     import publish_platform.diff
     import publish_platform.entities
     import publish_platform.plan  # noqa: F401 - imported before the clock starts
+    from publish_platform.state import SNAPSHOT_SCHEMA
 
-    snapshot = pl.read_parquet(folder / "snapshot-v1.parquet")
+    # As the diff step reads it: without the entities' payload.
+    snapshot = pl.read_parquet(
+        folder / "snapshot-v1.parquet", columns=[c for c in SNAPSHOT_SCHEMA if c != "entity"]
+    ).with_columns(entity=pl.lit(None, pl.String))
     started = time.perf_counter()
     plan = _diff_plan(folder, version, snapshot)
     header = plan.header
@@ -307,12 +314,166 @@ def measure_publish(folder: Path) -> dict[str, float]:
     }
 
 
+# --- landing: a sensor tick over a long history, and landed → COMPLETE with the daemon ---------
+
+
+def _run_folder_files(run_id: str, source: str) -> dict[str, bytes]:
+    import hashlib
+
+    data = (
+        orjson.dumps(
+            {
+                "typeName": "Database",
+                "attributes": {
+                    "qualifiedName": f"{source}/db",
+                    "name": "db",
+                    "connectionQualifiedName": source,
+                },
+            }
+        )
+        + b"\n"
+    )
+    manifest = {
+        "connection_qualified_name": source,
+        "workflow_id": "bench",
+        "run_id": run_id,
+        "status": "SUCCEEDED",
+        "source_timestamp": datetime.now(UTC).isoformat(),
+        "processing_timestamp": datetime.now(UTC).isoformat(),
+        "mode": "full",
+    }
+    return {
+        "transformed/database/entities.json": data,
+        "transformed/database/entities.json.sha256": hashlib.sha256(data).hexdigest().encode(),
+        "publish-request.json": orjson.dumps(manifest),
+    }
+
+
+def _land(s3: Any, landing: Any, run: Any, source: str) -> None:
+    prefix = run.prefix(landing)
+    for name, body in _run_folder_files(run.run_id, source).items():
+        s3.put_object(Bucket=landing.bucket, Key=prefix + name, Body=body)
+
+
+def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
+    """One discovery pass (what the landing sensor does per tick) over ``old_runs`` processed
+    run folders and ``new_runs`` new ones, against a moto server: seconds and S3 LIST calls."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from publish_platform.config import S3Location
+    from publish_platform.landing import RunRef, discover
+    from publish_platform.local_s3 import (
+        LOCAL_CREDENTIALS,
+        free_port,
+        s3_client,
+        start_moto_server,
+    )
+
+    os.environ.update(LOCAL_CREDENTIALS)  # moto's; this is a bench process of its own
+    port = free_port()
+    server = start_moto_server(port)
+    try:
+        s3 = s3_client(f"http://127.0.0.1:{port}")
+        landing = S3Location.parse("s3://bench-landing/runs/")
+        s3.create_bucket(Bucket=landing.bucket)
+        old = [RunRef("postgres", f"wf{n % 50}", str(uuid.UUID(int=n))) for n in range(old_runs)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda run: _land(s3, landing, run, SOURCE), old))
+        known = {run.partition_key for run in old}
+        new = [RunRef("postgres", "wf-new", str(uuid.uuid4())) for _ in range(new_runs)]
+        for run in new:
+            _land(s3, landing, run, SOURCE)
+        calls = {"ListObjectsV2": 0}
+
+        def count(**_: Any) -> None:
+            calls["ListObjectsV2"] += 1
+
+        s3.meta.events.register("before-call.s3.ListObjectsV2", count)
+        started = time.perf_counter()
+        found = discover(s3, landing, known, settle_seconds=0)
+        seconds = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {
+        "seconds": seconds,
+        "old_runs": old_runs,
+        "new_runs": len(found.ready),
+        "list_calls": calls["ListObjectsV2"],
+        "deep_listings": found.deep_listings,
+    }
+
+
+def measure_latency(batches: int) -> dict[str, float]:
+    """Small batches landed one after another into a running platform (moto, dagster-daemon,
+    dagster-webserver on SQLite): landed → COMPLETE for each, as the operator sees it."""
+    import uuid
+
+    from dagster import DagsterInstance
+
+    from publish_platform.config import S3Location, Settings
+    from publish_platform.landing import RunRef
+    from publish_platform.local_s3 import LOCAL_CREDENTIALS, free_port, s3_client, start_moto_server
+    from publish_platform.publish_state import PublishStatus, derive_states
+    from publish_platform.runtime import start_dagster, write_instance_yaml
+
+    with tempfile.TemporaryDirectory(prefix="publish-latency-") as scratch:
+        home = Path(scratch)
+        s3_port = free_port()
+        moto = start_moto_server(s3_port)
+        env = {
+            **LOCAL_CREDENTIALS,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+            "DAGSTER_HOME": str(home / "dagster"),
+            "PUBLISH_PLATFORM_HOME": str(home),
+            "PUBLISH_PLATFORM_LANDING": "s3://bench-landing/runs/",
+            "PUBLISH_PLATFORM_STATE": "s3://bench-state/",
+        }
+        os.environ.update(env)
+        settings = Settings()
+        write_instance_yaml(home / "dagster", storage="sqlite")
+        s3 = s3_client(env["AWS_ENDPOINT_URL"])
+        for bucket in ("bench-landing", "bench-state"):
+            s3.create_bucket(Bucket=bucket)
+        dagster = start_dagster(env, free_port(), home / "logs")
+        instance = DagsterInstance.from_config(str(home / "dagster"))
+        latencies = []
+        try:
+            landing = S3Location.parse(settings.landing)
+            for number in range(batches):
+                run = RunRef("postgres", "latency", str(uuid.uuid4()))
+                _land(s3, landing, run, f"{SOURCE}-{number}")
+                landed = time.monotonic()
+                while time.monotonic() - landed < 300:
+                    if run.partition_key in instance.get_dynamic_partitions("workflow_runs"):
+                        state = derive_states(instance, settings.landing, [run.partition_key])[0]
+                        if state.status == PublishStatus.COMPLETE:
+                            break
+                    time.sleep(0.25)
+                latencies.append(time.monotonic() - landed)
+        finally:
+            instance.dispose()
+            dagster.stop()
+            moto.terminate()
+            moto.wait(timeout=30)
+    ordered = sorted(latencies)
+    return {
+        "batches": batches,
+        "p50_s": ordered[len(ordered) // 2],
+        "max_s": ordered[-1],
+        "sensor_interval_s": settings.sensor_interval_seconds,
+    }
+
+
 PHASES = {
     "prepare": prepare_snapshot,
     "parse_floor": measure_parse_floor,
     "naive": measure_naive,
     "diff_plan": measure_diff_plan,
     "publish": measure_publish,
+    "sensor_tick": lambda arg: measure_sensor_tick(int(str(arg))),
+    "latency": lambda arg: measure_latency(int(str(arg))),
 }
 
 
@@ -328,7 +489,14 @@ def _run_phase(name: str, folder: Path) -> dict[str, float]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def run_bench(entities: int, changes: float, seed: int = 7, keep: Path | None = None) -> dict:
+def run_bench(
+    entities: int,
+    changes: float,
+    seed: int = 7,
+    keep: Path | None = None,
+    sensor_runs: int = 0,
+    latency_batches: int = 0,
+) -> dict:
     """All measurements on one set of generated batches; the JSON the bench command prints."""
     with tempfile.TemporaryDirectory(prefix="publish-bench-") as scratch:
         folder = keep or Path(scratch)
@@ -363,7 +531,19 @@ def run_bench(entities: int, changes: float, seed: int = 7, keep: Path | None = 
         "noop_operations": publish["noop_operations"],
         "noop_writes": publish["noop_writes"],
         "cpu_count": os.cpu_count(),
+        **_landing_measurements(sensor_runs, latency_batches),
     }
+
+
+def _landing_measurements(sensor_runs: int, latency_batches: int) -> dict[str, object]:
+    found: dict[str, object] = {}
+    if sensor_runs:
+        tick = _run_phase("sensor_tick", Path(str(sensor_runs)))
+        found["sensor_tick"] = {k: v for k, v in tick.items() if k != "peak_rss_mb"}
+    if latency_batches:
+        latency = _run_phase("latency", Path(str(latency_batches)))
+        found["landed_to_complete"] = {k: v for k, v in latency.items() if k != "peak_rss_mb"}
+    return found
 
 
 if __name__ == "__main__":

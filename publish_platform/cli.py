@@ -447,6 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--json", help="also write the result to this file")
     bench.add_argument("--keep", help="generate into this folder and keep it")
+    bench.add_argument(
+        "--sensor-runs", type=int, default=0, help="also time a sensor tick over this many old runs"
+    )
+    bench.add_argument(
+        "--latency-batches",
+        type=int,
+        default=0,
+        help="also measure landed → COMPLETE through the real daemon for this many small batches",
+    )
     bench.set_defaults(func=cmd_bench)
 
     dev = commands.add_parser(

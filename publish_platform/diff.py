@@ -62,6 +62,11 @@ class DiffResult:
         return dict(Counter(issue.reason for issue in self.issues))
 
 
+def recognisable(snapshot: pl.DataFrame) -> frozenset[str]:
+    """The snapshot's raw hashes: batch lines with one of these are unchanged (not parsed)."""
+    return frozenset(snapshot.get_column("raw_hash").drop_nulls().to_list())
+
+
 def derive_source(parsed: ParsedEntities) -> str | list[str]:
     """The batch's connection, from its data: exactly one, or the list of all it names."""
     connections = parsed.frame.get_column("connection_qualified_name").unique().sort().to_list()
@@ -80,7 +85,7 @@ def diff_batch(
     ``force`` re-sends every entity of the batch as an update even if unchanged (a republish
     that repairs a drifted metastore); deletions are computed as usual.
     """
-    batch, issues = screen(parsed, source)
+    batch, issues = screen(_with_recognised(parsed, snapshot, source), source, parsed.issues)
     protected = _protected_identities(issues)
 
     joined = batch.join(
@@ -126,17 +131,31 @@ def diff_batch(
         mode=mode,
         changes=changes,
         lines=parsed.lines,
-        valid_entities=parsed.frame.height,
+        valid_entities=parsed.frame.height + parsed.unchanged.height,
         snapshot_entities=snapshot.height,
         issues=issues,
         deletions_withheld=deletions_withheld,
     )
 
 
-def screen(parsed: ParsedEntities, source: str) -> tuple[pl.DataFrame, list[EntityIssue]]:
+def _with_recognised(parsed: ParsedEntities, snapshot: pl.DataFrame, source: str) -> pl.DataFrame:
+    """The parsed entities plus the lines recognised as unchanged, which take identity, hash and
+    references from their snapshot row (no payload: they are not sent)."""
+    if parsed.unchanged.height == 0:
+        return parsed.frame
+    recognised = parsed.unchanged.join(
+        snapshot.select([*IDENTITY, "hash", "references", "raw_hash"]).unique("raw_hash"),
+        on="raw_hash",
+        how="inner",
+    ).with_columns(connection_qualified_name=pl.lit(source), entity=pl.lit(None, pl.String))
+    return pl.concat([parsed.frame, recognised.select(parsed.frame.columns)], how="vertical")
+
+
+def screen(
+    frame: pl.DataFrame, source: str, issues: list[EntityIssue] | None = None
+) -> tuple[pl.DataFrame, list[EntityIssue]]:
     """Isolate what cannot be published: wrong source, unknown type, conflicting duplicates."""
-    issues = list(parsed.issues)
-    frame = parsed.frame
+    issues = list(issues or [])
 
     def isolate(mask: pl.Expr, reason: str, message: str) -> None:
         nonlocal frame

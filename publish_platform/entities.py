@@ -4,13 +4,18 @@ Identity is (typeName, qualifiedName). The content hash is BLAKE2b-128 over the 
 the entity without its volatile attributes: keys sorted at every depth, no whitespace, UTF-8
 (orjson with OPT_SORT_KEYS). It depends on nothing but the entity, so it is stable across
 processes, machines and library versions and can be persisted in snapshots.
+
+Most lines of a batch are entities that did not change since the source's last snapshot. The raw
+hash (``RawHasher``: the line's bytes without its volatile attributes) recognises those without
+parsing them; only the lines it does not recognise are parsed, validated and hashed in full.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import orjson
 import polars as pl
@@ -38,7 +43,11 @@ ENTITY_SCHEMA = {
     "references": REFERENCES,
     "source_file": pl.String,
     "line": pl.Int64,
+    "raw_hash": pl.String,
 }
+
+# Lines recognised by their raw hash as unchanged since the snapshot: not parsed.
+UNCHANGED_SCHEMA = {"raw_hash": pl.String, "source_file": pl.String, "line": pl.Int64}
 
 
 @dataclass(frozen=True)
@@ -103,30 +112,82 @@ def references_of(attributes: dict) -> list[dict[str, str]]:
     return refs
 
 
+class RawHasher:
+    """BLAKE2b-128 of a line's bytes with its volatile attributes cut out, keyed by the set of
+    volatile attributes (a change of that setting can never match an older hash).
+
+    Two lines with the same raw hash have the same content but for volatile values, so a line
+    whose raw hash is in the snapshot is unchanged. The converse does not hold (key order or
+    whitespace may differ): such lines are parsed and compared by content hash as usual. A line
+    naming a volatile attribute more than once (a nested key of that name) gets no raw hash.
+    """
+
+    def __init__(self, volatile: Iterable[str]) -> None:
+        names = sorted(set(volatile))
+        self.limit = len(names)
+        self.key = hashlib.blake2b(",".join(names).encode(), digest_size=16).digest()
+        value = rb'(?:"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)'
+        alternatives = b"|".join(re.escape(name.encode()) for name in names) or b"(?!)"
+        self.pattern = re.compile(rb'"(?:' + alternatives + rb')"\s*:\s*' + value + rb"\s*,?")
+
+    def __call__(self, line: bytes) -> str | None:
+        blanked, cut = self.pattern.subn(b"", line)
+        if cut > self.limit:
+            return None
+        return hashlib.blake2b(blanked, digest_size=16, key=self.key).hexdigest()
+
+
 @dataclass
 class ParsedEntities:
     frame: pl.DataFrame
     issues: list[EntityIssue]
     lines: int
     last_sync_ms: int | None = None  # newest lastSyncRunAt: when the source was read
+    # Lines recognised as unchanged by their raw hash (UNCHANGED_SCHEMA), not parsed.
+    unchanged: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=UNCHANGED_SCHEMA))
+
+
+def numbered_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The lines of a file with their 1-based numbers, without a list of them all in memory."""
+    start, number, size = 0, 0, len(data)
+    while start < size:
+        end = data.find(b"\n", start)
+        if end == -1:
+            end = size
+        number += 1
+        yield number, data[start:end]
+        start = end + 1
 
 
 def parse_files(
     files: Iterable[tuple[str, bytes]],
     volatile: Iterable[str],
     max_line_bytes: int = MAX_LINE_BYTES,
+    known_raw: frozenset[str] | set[str] | None = None,
 ) -> ParsedEntities:
-    """Parse JSON-lines files into one frame of valid entities; every bad line becomes an issue."""
+    """Parse JSON-lines files into one frame of valid entities; every bad line becomes an issue.
+
+    Lines whose raw hash is in ``known_raw`` (the snapshot's) are unchanged: they are listed in
+    ``unchanged`` and not parsed.
+    """
     volatile_set = frozenset(volatile)
+    raw_hash = RawHasher(volatile_set)
     rows: dict[str, list] = {name: [] for name in ENTITY_SCHEMA}
+    unchanged: dict[str, list] = {name: [] for name in UNCHANGED_SCHEMA}
     issues: list[EntityIssue] = []
     total = 0
     last_sync_ms: int | None = None
     for source_file, data in files:
-        for number, line in enumerate(data.split(b"\n"), start=1):
+        for number, line in numbered_lines(data):
             if not line.strip():
                 continue
             total += 1
+            raw = raw_hash(line) if len(line) <= max_line_bytes else None
+            if known_raw and raw in known_raw:
+                unchanged["raw_hash"].append(raw)
+                unchanged["source_file"].append(source_file)
+                unchanged["line"].append(number)
+                continue
             entity, issue = _parse_line(source_file, number, line, max_line_bytes)
             if issue is not None:
                 issues.append(issue)
@@ -144,11 +205,18 @@ def parse_files(
             rows["references"].append(references_of(attributes))
             rows["source_file"].append(source_file)
             rows["line"].append(number)
+            rows["raw_hash"].append(raw)
     # Lists of structs built by Arrow in one call (polars would build a frame per row).
     references = pl.from_arrow(pa.array(rows.pop("references"), type=ARROW_REFERENCES))
     frame = pl.DataFrame(rows, schema={k: v for k, v in ENTITY_SCHEMA.items() if k in rows})
     frame = frame.with_columns(references.alias("references")).select(list(ENTITY_SCHEMA))
-    return ParsedEntities(frame=frame, issues=issues, lines=total, last_sync_ms=last_sync_ms)
+    return ParsedEntities(
+        frame=frame,
+        issues=issues,
+        lines=total,
+        last_sync_ms=last_sync_ms,
+        unchanged=pl.DataFrame(unchanged, schema=UNCHANGED_SCHEMA),
+    )
 
 
 def _parse_line(

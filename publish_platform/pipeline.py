@@ -16,7 +16,13 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from publish_platform.config import Settings
-from publish_platform.diff import DIFF_SCHEMA, DiffResult, derive_source, diff_batch
+from publish_platform.diff import (
+    DIFF_SCHEMA,
+    DiffResult,
+    derive_source,
+    diff_batch,
+    recognisable,
+)
 from publish_platform.entities import EntityIssue, parse_files
 from publish_platform.landing import BatchProblem, RunRef, read_batch
 from publish_platform.metastores.base import Metastore
@@ -119,9 +125,20 @@ def run_diff(
 
     problems = list(batch.problems)
     parsed = None
+    # With the source known up front (the manifest), its snapshot is read first: lines it
+    # recognises by raw hash are not parsed. (A republish re-sends everything: no shortcut.)
+    pointer_read = summary.source is not None
+    published = state.current_pointer(summary.source) if summary.source else None
+    snapshot = None
     if not problems:
+        known = None
+        if published is not None and not force:
+            snapshot = state.read_snapshot(summary.source, published.serial, payload=False)
+            known = recognisable(snapshot)
         parsed = parse_files(
-            ((f.relative_key, f.data) for f in batch.files), settings.volatile_attributes
+            ((f.relative_key, f.data) for f in batch.files),
+            settings.volatile_attributes,
+            known_raw=known,
         )
         if summary.source is None:
             derived = derive_source(parsed)
@@ -146,7 +163,8 @@ def run_diff(
             )
 
     # One read of the source's pointer serves the staleness check and the base serial.
-    published = state.current_pointer(summary.source) if summary.source else None
+    if not pointer_read and summary.source:
+        published = state.current_pointer(summary.source)
     if not problems and published is not None:
         superseded = supersession(published, summary.source_timestamp)
         if superseded is not None:
@@ -168,7 +186,8 @@ def run_diff(
 
     assert parsed is not None and summary.source is not None
     base_serial = published.serial if published else 0
-    snapshot = state.read_snapshot(summary.source, base_serial)
+    if snapshot is None:
+        snapshot = state.read_snapshot(summary.source, base_serial, payload=False)
     diff = diff_batch(parsed, snapshot, summary.source, summary.mode, force=force)
     record_diff(state, summary, diff, base_serial)
     summary.duration_s = time.perf_counter() - started
@@ -251,7 +270,7 @@ def run_plan(
     # A batch that was not diffed (quarantined, skipped, superseded) gets an empty plan, checked
     # all the same.
     snapshot = (
-        state.read_snapshot(source, summary.base_serial)
+        state.read_snapshot(source, summary.base_serial, payload=False)
         if summary.outcome == "diffed"
         else empty_snapshot()
     )

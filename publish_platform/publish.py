@@ -197,5 +197,6 @@ def next_snapshot(
         pl.coalesce(pl.col("guid_right"), pl.col("guid")).alias("guid"),
         "entity",
         "references",
+        "raw_hash",
     )
     return pl.concat([kept.select(list(SNAPSHOT_SCHEMA)), written], how="vertical").sort(identity)

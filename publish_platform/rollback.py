@@ -71,7 +71,7 @@ def rollback(
             f"{source} is at serial {current.serial}: roll back to 1…{current.serial - 1}"
         )
     target = state.read_snapshot(source, to_serial)
-    base = state.read_snapshot(source, current.serial)
+    base = state.read_snapshot(source, current.serial, payload=False)
     parsed = ParsedEntities(
         frame=target.select(
             "type_name",
@@ -82,6 +82,7 @@ def rollback(
             "references",
             pl.lit(f"snapshot {to_serial}").alias("source_file"),
             (pl.int_range(pl.len()) + 1).cast(pl.Int64).alias("line"),
+            "raw_hash",
         ).cast(ENTITY_SCHEMA),
         issues=[],
         lines=target.height,

@@ -36,6 +36,9 @@ SNAPSHOT_SCHEMA = {
     "guid": pl.String,
     "entity": pl.String,
     "references": REFERENCES,
+    # The line's hash without its volatile attributes (entities.RawHasher): lets the next batch
+    # recognise an unchanged line without parsing it. Null in snapshots written before it.
+    "raw_hash": pl.String,
 }
 
 
@@ -101,11 +104,11 @@ class StateStore:
         frame.write_parquet(buffer, compression="zstd")
         return self.put_bytes(key, buffer.getvalue(), **conditions)
 
-    def get_frame(self, key: str) -> pl.DataFrame:
+    def get_frame(self, key: str, columns: list[str] | None = None) -> pl.DataFrame:
         found = self.get_bytes(key)
         if found is None:
             raise FileNotFoundError(self.url(key))
-        return pl.read_parquet(io.BytesIO(found[0]))
+        return pl.read_parquet(io.BytesIO(found[0]), columns=columns)
 
     # --- pointer and snapshots ---
 
@@ -123,10 +126,23 @@ class StateStore:
         pointer = self.current_pointer(source)
         return pointer.serial if pointer else 0
 
-    def read_snapshot(self, source: str, serial: int) -> pl.DataFrame:
+    def read_snapshot(self, source: str, serial: int, payload: bool = True) -> pl.DataFrame:
+        """A committed snapshot; ``payload=False`` leaves the entities' JSON out (null), which is
+        most of its size and needed only to publish or roll back, not to diff or plan."""
         if serial == 0:
             return empty_snapshot()
-        return self.get_frame(self.snapshot_key_of(source, serial))
+        key = self.snapshot_key_of(source, serial)
+        wanted = None if payload else [c for c in SNAPSHOT_SCHEMA if c != "entity"]
+        try:
+            frame = self.get_frame(key, columns=wanted)
+        except pl.exceptions.ColumnNotFoundError:  # written before raw_hash existed
+            frame = self.get_frame(key, columns=[c for c in wanted or [] if c != "raw_hash"])
+        missing = [
+            pl.lit(None, dtype).alias(name)
+            for name, dtype in SNAPSHOT_SCHEMA.items()
+            if name not in frame.columns
+        ]
+        return frame.with_columns(missing).select(list(SNAPSHOT_SCHEMA))
 
     def snapshot_key_of(self, source: str, serial: int) -> str:
         """The committed snapshot of a serial: the pointer's, or the history's for older ones."""

@@ -28,6 +28,7 @@ SNAPSHOT = pl.DataFrame(
             [],
             [{"attribute": "database", "type_name": "Database", "qualified_name": f"{SOURCE}/db"}],
         ],
+        "raw_hash": ["r1", None],
     },
     schema=empty_snapshot().schema,
 )
@@ -86,6 +87,23 @@ def test_history_keeps_every_committed_serial_readable(store):
     with pytest.raises(FileNotFoundError, match="no committed snapshot 3"):
         store.read_snapshot(SOURCE, 3)
     assert store.history("default/never/1") == []
+
+
+def test_snapshots_read_without_payload_and_from_before_raw_hashes(store):
+    key = store.write_snapshot(SOURCE, 1, SNAPSHOT, "p1")
+    store.advance_pointer(pointer(1, snapshot_key=key), expected_serial=0)
+    light = store.read_snapshot(SOURCE, 1, payload=False)
+    assert light["entity"].null_count() == 2
+    assert light.drop("entity").equals(SNAPSHOT.drop("entity"))
+
+    # A snapshot written before raw hashes existed reads with them null, with or without payload.
+    legacy_key = store.source_key(SOURCE, "snapshots", "legacy.parquet")
+    store.put_frame(legacy_key, SNAPSHOT.drop("raw_hash"))
+    store.advance_pointer(pointer(2, snapshot_key=legacy_key), expected_serial=1)
+    for payload in (True, False):
+        legacy = store.read_snapshot(SOURCE, 2, payload=payload)
+        assert legacy.columns == list(SNAPSHOT.columns)
+        assert legacy["raw_hash"].null_count() == 2
 
 
 def test_serial_zero_is_the_empty_snapshot(store):

@@ -1,0 +1,99 @@
+"""Lines recognised as unchanged by their raw hash are not parsed, and the diff is the same as if
+they had been: same creates, updates, unchanged, deletes and isolation."""
+
+from __future__ import annotations
+
+import orjson
+import polars as pl
+
+from publish_platform.diff import diff_batch, recognisable
+from publish_platform.entities import RawHasher, parse_files
+from publish_platform.state import empty_snapshot
+
+from .support import SOURCE, VOLATILE, entity, jsonl, small_source
+from .test_diff_plan import published
+
+
+def resynced(entities: list[dict], run: str) -> list[dict]:
+    return [
+        {**e, "attributes": {**e["attributes"], "lastSyncRun": run, "lastSyncRunAt": 42}}
+        for e in entities
+    ]
+
+
+def both_ways(lines: bytes, snapshot: pl.DataFrame, **diff: object):
+    files = [("transformed/x/entities.json", lines)]
+    fast = parse_files(files, VOLATILE, known_raw=recognisable(snapshot))
+    slow = parse_files(files, VOLATILE)
+    return (
+        fast,
+        diff_batch(fast, snapshot, SOURCE, "full", **diff),
+        diff_batch(slow, snapshot, SOURCE, "full", **diff),
+    )
+
+
+def summary(diff) -> dict:
+    changes = diff.changes.sort("type_name", "qualified_name")
+    return {
+        "ops": changes.select("op", "type_name", "qualified_name", "hash", "guid").rows(),
+        "issues": sorted((i.reason, i.qualified_name or "") for i in diff.issues),
+        "valid": diff.valid_entities,
+    }
+
+
+def test_a_volatile_only_batch_is_recognised_without_parsing():
+    first = small_source()
+    snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
+    assert snapshot["raw_hash"].null_count() == 0
+
+    parsed, fast, slow = both_ways(jsonl(resynced(first, "run-2")), snapshot)
+
+    assert parsed.unchanged.height == len(first) and parsed.frame.height == 0
+    assert summary(fast) == summary(slow)
+    assert fast.count("unchanged") == len(first)
+
+
+def test_changed_added_deleted_and_conflicting_lines_are_found_as_without_the_shortcut():
+    first = small_source()
+    snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
+    second = resynced(first[:-1], "run-2")  # the last column is gone
+    second[3] = {**second[3], "attributes": {**second[3]["attributes"], "description": "new"}}
+    second.append(entity("Column", "db/s/t1/c9"))
+    # The same identity twice: once unchanged (recognised), once with other content.
+    twin = {**second[2], "attributes": {**second[2]["attributes"], "description": "twin"}}
+    second.append(twin)
+
+    parsed, fast, slow = both_ways(jsonl(second), snapshot)
+
+    assert parsed.unchanged.height == len(first) - 2  # one dropped, one changed
+    assert summary(fast) == summary(slow)
+    assert fast.count("create") == 1 and fast.count("update") == 1 and fast.count("delete") == 1
+    assert [i.reason for i in fast.issues] == ["conflicting_duplicate"] * 2
+
+
+def test_no_shortcut_when_forced_when_old_snapshots_lack_raw_hashes_or_volatile_settings_differ():
+    first = small_source()
+    snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
+    lines = jsonl(resynced(first, "run-2"))
+
+    _, forced, _ = both_ways(lines, snapshot, force=True)
+    assert forced.count("update") == len(first)
+
+    legacy = snapshot.with_columns(raw_hash=pl.lit(None, pl.String))
+    parsed, fast, slow = both_ways(lines, legacy)
+    assert parsed.unchanged.height == 0 and summary(fast) == summary(slow)
+
+    other_volatile = parse_files([("f", lines)], ("lastSyncRun",), known_raw=recognisable(snapshot))
+    assert other_volatile.unchanged.height == 0
+
+
+def test_the_raw_hash_ignores_volatile_values_only():
+    hasher = RawHasher(VOLATILE)
+    e = entity("Table", "db/s/t", description='say "hi"')
+    line = orjson.dumps(e)
+    assert hasher(line) == hasher(orjson.dumps(resynced([e], 'run "quoted" \\ 2')[0]))
+    assert hasher(line) != hasher(orjson.dumps({**e, "status": "DELETED"}))
+    nested = {**e, "attributes": {**e["attributes"], "x": {"lastSyncRun": "a"}}}
+    assert hasher(orjson.dumps(nested)) is None  # a volatile name twice: no shortcut
+    assert parse_files([("f", jsonl([e]))], VOLATILE, known_raw=frozenset()).frame.height == 1
+    assert empty_snapshot()["raw_hash"].dtype == pl.String
