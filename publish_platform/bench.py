@@ -317,7 +317,7 @@ def measure_publish(folder: Path) -> dict[str, float]:
 # --- landing: a sensor tick over a long history, and landed → COMPLETE with the daemon ---------
 
 
-def _run_folder_files(run_id: str, source: str) -> dict[str, bytes]:
+def _run_folder_files(run: Any, source: str) -> dict[str, bytes]:
     import hashlib
 
     data = (
@@ -335,8 +335,8 @@ def _run_folder_files(run_id: str, source: str) -> dict[str, bytes]:
     )
     manifest = {
         "connection_qualified_name": source,
-        "workflow_id": "bench",
-        "run_id": run_id,
+        "workflow_id": run.workflow_id,
+        "run_id": run.run_id,
         "status": "SUCCEEDED",
         "source_timestamp": datetime.now(UTC).isoformat(),
         "processing_timestamp": datetime.now(UTC).isoformat(),
@@ -351,7 +351,7 @@ def _run_folder_files(run_id: str, source: str) -> dict[str, bytes]:
 
 def _land(s3: Any, landing: Any, run: Any, source: str) -> None:
     prefix = run.prefix(landing)
-    for name, body in _run_folder_files(run.run_id, source).items():
+    for name, body in _run_folder_files(run, source).items():
         s3.put_object(Bucket=landing.bucket, Key=prefix + name, Body=body)
 
 
@@ -415,9 +415,11 @@ def measure_latency(batches: int) -> dict[str, float]:
     from publish_platform.config import S3Location, Settings
     from publish_platform.landing import RunRef
     from publish_platform.local_s3 import LOCAL_CREDENTIALS, free_port, s3_client, start_moto_server
+    from publish_platform.observability import ERRORED
     from publish_platform.publish_state import PublishStatus, derive_states
     from publish_platform.runtime import start_dagster, write_instance_yaml
 
+    SETTLED = {PublishStatus.COMPLETE, PublishStatus.HELD, *ERRORED}  # noqa: N806
     with tempfile.TemporaryDirectory(prefix="publish-latency-") as scratch:
         home = Path(scratch)
         s3_port = free_port()
@@ -445,12 +447,14 @@ def measure_latency(batches: int) -> dict[str, float]:
                 run = RunRef("postgres", "latency", str(uuid.uuid4()))
                 _land(s3, landing, run, f"{SOURCE}-{number}")
                 landed = time.monotonic()
-                while time.monotonic() - landed < 300:
+                status = None
+                while time.monotonic() - landed < 300 and status not in SETTLED:
                     if run.partition_key in instance.get_dynamic_partitions("workflow_runs"):
                         state = derive_states(instance, settings.landing, [run.partition_key])[0]
-                        if state.status == PublishStatus.COMPLETE:
-                            break
+                        status = state.status
                     time.sleep(0.25)
+                if status != PublishStatus.COMPLETE:
+                    raise RuntimeError(f"{run.partition_key} ended {status}, not COMPLETE")
                 latencies.append(time.monotonic() - landed)
         finally:
             instance.dispose()

@@ -412,7 +412,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from publish_platform.bench import run_bench
 
     result = run_bench(
-        args.entities, args.changes, args.seed, Path(args.keep) if args.keep else None
+        args.entities,
+        args.changes,
+        args.seed,
+        Path(args.keep) if args.keep else None,
+        sensor_runs=args.sensor_runs,
+        latency_batches=args.latency_batches,
     )
     text = json.dumps(result, indent=2)
     if args.json:

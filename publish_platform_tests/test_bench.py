@@ -24,7 +24,9 @@ KEYS = {
 
 def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: Path):
     out = tmp_path / "bench.json"
-    run_cli("bench", "--entities", "3000", "--changes", "0.1", "--json", str(out))
+    run_cli(
+        "bench", "--entities", "3000", "--changes", "0.1", "--sensor-runs", "60", "--json", str(out)
+    )
     result = json.loads(out.read_text())
 
     assert set(result) >= KEYS
@@ -36,3 +38,6 @@ def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: 
     assert result["plan"]["deletes"] == result["naive_found"]["deletes"] == changes["deleted"]
     assert result["noop_operations"] == 0 and result["noop_writes"] == 0
     assert result["publish_entities_per_s"] > 0 and result["peak_rss_mb"] > 0
+    tick = result["sensor_tick"]
+    assert tick["old_runs"] == 60 and tick["new_runs"] == 10 and tick["deep_listings"] == 10
+    assert tick["list_calls"] > 0 and tick["seconds"] > 0
