@@ -67,9 +67,23 @@ class DagsterProcesses:
 def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> DagsterProcesses:
     """Start dagster-webserver (127.0.0.1:port) and dagster-daemon; wait for the webserver."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **env}
+    # Create the instance's storage once, before the processes: left to the webserver, the
+    # daemon and whoever opens the instance next, SQLite storage can be created by two of them
+    # at once, which stamps its migration table twice ("more than one head present").
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from dagster import DagsterInstance; DagsterInstance.get().dispose()",
+        ],
+        env=full_env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     web_log = open(log_dir / "webserver.log", "ab")  # noqa: SIM115 - closed by stop()
     daemon_log = open(log_dir / "daemon.log", "ab")  # noqa: SIM115
-    full_env = {**os.environ, **env}
     webserver = subprocess.Popen(
         [
             dagster_bin("dagster-webserver"),

@@ -213,6 +213,12 @@ def test_a_429_storm_across_concurrent_runs_keeps_the_budget_and_loses_nothing(
     # (requests already on the wire when the 429 was answered arrive within a few ms).
     for refusal in throttled:
         assert not [r for r in log if refusal.at + 0.05 < r.at < refusal.at + 0.49], refusal
-    # The platform's budget held: never more than 12 requests in any 2-second window.
+    # The platform's budget held: never more than 12 requests in any 2-second window. The
+    # server stamps a request when its handler thread runs, up to a few hundred ms late while
+    # this process is busy polling: windows are shortened by that much.
     times = sorted(r.at for r in log)
-    assert max(sum(1 for t in times if start <= t < start + window) for start in times) <= budget
+    jitter = 0.3
+    assert (
+        max(sum(1 for t in times if start <= t < start + window - jitter) for start in times)
+        <= budget
+    )
