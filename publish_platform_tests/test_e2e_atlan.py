@@ -172,7 +172,7 @@ def test_a_429_storm_across_concurrent_runs_keeps_the_budget_and_loses_nothing(
         # Atlan's side: the tenant limit, a little above the budget the platform is given.
         atlas.store.set_rate_limit(RateLimit(budget=15, window_s=window, block_s=1.0))
         # A storm: the next eight mutation requests are throttled whoever sends them.
-        atlas.store.add_fault(Fault(429, count=8, retry_after=0.5, path_contains="bulk"))
+        atlas.store.add_fault(Fault(429, count=8, retry_after=1.5, path_contains="bulk"))
         env = _atlan_env(
             atlas,
             chunk_size="5",
@@ -205,19 +205,20 @@ def test_a_429_storm_across_concurrent_runs_keeps_the_budget_and_loses_nothing(
     assert len(dumped) == len(set(dumped)) and set(dumped) == expected  # none lost, none twice
 
     log = atlas.store.requests()
+    jitter = 0.3  # the server stamps a request when its handler thread runs: up to this late
     throttled = [r for r in log if r.status == 429]
     assert len(throttled) == 8 and all(
         r.fault == "fault" for r in throttled
     )  # tenant limit never hit
     # Every cool-down paused every worker: nothing was sent before its Retry-After was over
-    # (requests already on the wire when the 429 was answered arrive within a few ms).
+    # (requests already on the wire when the 429 was answered, or stamped late by the server,
+    # come within the jitter).
     for refusal in throttled:
-        assert not [r for r in log if refusal.at + 0.05 < r.at < refusal.at + 0.49], refusal
+        assert not [r for r in log if refusal.at + jitter < r.at < refusal.at + 1.49], refusal
     # The platform's budget held: never more than 12 requests in any 2-second window. The
     # server stamps a request when its handler thread runs, up to a few hundred ms late while
     # this process is busy polling: windows are shortened by that much.
     times = sorted(r.at for r in log)
-    jitter = 0.3
     assert (
         max(sum(1 for t in times if start <= t < start + window - jitter) for start in times)
         <= budget
