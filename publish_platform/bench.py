@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -261,17 +260,12 @@ def prepare_snapshot(folder: Path) -> dict[str, float]:
 
 
 def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:
-    import polars as pl
-
     import publish_platform.diff
     import publish_platform.entities
     import publish_platform.plan  # noqa: F401 - imported before the clock starts
-    from publish_platform.state import SNAPSHOT_SCHEMA
+    from publish_platform.state import load_snapshot
 
-    # As the diff step reads it: without the entities' payload.
-    snapshot = pl.read_parquet(
-        folder / "snapshot-v1.parquet", columns=[c for c in SNAPSHOT_SCHEMA if c != "entity"]
-    ).with_columns(entity=pl.lit(None, pl.String))
+    snapshot = load_snapshot(folder / "snapshot-v1.parquet", payload=False)  # as diff reads it
     started = time.perf_counter()
     plan = _diff_plan(folder, version, snapshot)
     header = plan.header
@@ -291,6 +285,7 @@ def measure_publish(folder: Path) -> dict[str, float]:
 
     from publish_platform.metastores.sql import SqlCatalog
     from publish_platform.publish import execute_plan
+    from publish_platform.state import load_snapshot
 
     operations = pl.read_parquet(folder / "plan-v1.parquet")
     catalog = SqlCatalog(f"sqlite:///{folder / 'catalog.sqlite'}")
@@ -299,7 +294,7 @@ def measure_publish(folder: Path) -> dict[str, float]:
         outcome = execute_plan(operations, catalog, chunk_size=500)
         seconds = time.perf_counter() - started
         before = sum(catalog.versions().values())
-        snapshot = pl.read_parquet(folder / "snapshot-v1.parquet")
+        snapshot = load_snapshot(folder / "snapshot-v1.parquet", payload=False)
         noop_plan = _diff_plan(folder, "v3", snapshot)
         execute_plan(noop_plan.operations, catalog, chunk_size=500)
         writes = sum(catalog.versions().values()) - before
@@ -317,42 +312,23 @@ def measure_publish(folder: Path) -> dict[str, float]:
 # --- landing: a sensor tick over a long history, and landed → COMPLETE with the daemon ---------
 
 
-def _run_folder_files(run: Any, source: str) -> dict[str, bytes]:
-    import hashlib
-
-    data = (
-        orjson.dumps(
-            {
-                "typeName": "Database",
-                "attributes": {
-                    "qualifiedName": f"{source}/db",
-                    "name": "db",
-                    "connectionQualifiedName": source,
-                },
-            }
-        )
-        + b"\n"
-    )
-    manifest = {
-        "connection_qualified_name": source,
-        "workflow_id": run.workflow_id,
-        "run_id": run.run_id,
-        "status": "SUCCEEDED",
-        "source_timestamp": datetime.now(UTC).isoformat(),
-        "processing_timestamp": datetime.now(UTC).isoformat(),
-        "mode": "full",
-    }
-    return {
-        "transformed/database/entities.json": data,
-        "transformed/database/entities.json.sha256": hashlib.sha256(data).hexdigest().encode(),
-        "publish-request.json": orjson.dumps(manifest),
-    }
-
-
 def _land(s3: Any, landing: Any, run: Any, source: str) -> None:
-    prefix = run.prefix(landing)
-    for name, body in _run_folder_files(run, source).items():
-        s3.put_object(Bucket=landing.bucket, Key=prefix + name, Body=body)
+    """A small finished run of ``source``: one database entity, its sidecar and manifest."""
+    from publish_platform.demo import manifest_for, run_files
+    from publish_platform.local_s3 import put_files
+
+    database = {
+        "typeName": "Database",
+        "attributes": {
+            "qualifiedName": f"{source}/db",
+            "name": "db",
+            "connectionQualifiedName": source,
+        },
+    }
+    manifest = manifest_for(source, run.workflow_id, run.run_id)
+    put_files(
+        s3, landing.bucket, run.prefix(landing), run_files({"database": [database]}, manifest)
+    )
 
 
 def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
@@ -407,66 +383,48 @@ def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
 
 def measure_latency(batches: int) -> dict[str, float]:
     """Small batches landed one after another into a running platform (moto, dagster-daemon,
-    dagster-webserver on SQLite): landed → COMPLETE for each, as the operator sees it."""
+    dagster-webserver on SQLite, default sensor interval): landed → COMPLETE for each."""
     import uuid
-
-    from dagster import DagsterInstance
 
     from publish_platform.config import S3Location, Settings
     from publish_platform.landing import RunRef
     from publish_platform.local_s3 import LOCAL_CREDENTIALS, free_port, s3_client, start_moto_server
-    from publish_platform.observability import ERRORED
-    from publish_platform.publish_state import PublishStatus, derive_states
-    from publish_platform.runtime import start_dagster, write_instance_yaml
+    from publish_platform.publish_state import PublishStatus
+    from publish_platform.runtime import running_platform, wait_for_state
 
-    SETTLED = {PublishStatus.COMPLETE, PublishStatus.HELD, *ERRORED}  # noqa: N806
-    with tempfile.TemporaryDirectory(prefix="publish-latency-") as scratch:
-        home = Path(scratch)
-        s3_port = free_port()
-        moto = start_moto_server(s3_port)
-        env = {
-            **LOCAL_CREDENTIALS,
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-            "DAGSTER_HOME": str(home / "dagster"),
-            "PUBLISH_PLATFORM_HOME": str(home),
-            "PUBLISH_PLATFORM_LANDING": "s3://bench-landing/runs/",
-            "PUBLISH_PLATFORM_STATE": "s3://bench-state/",
-        }
-        os.environ.update(env)
-        settings = Settings()
-        write_instance_yaml(home / "dagster", storage="sqlite")
-        s3 = s3_client(env["AWS_ENDPOINT_URL"])
-        for bucket in ("bench-landing", "bench-state"):
-            s3.create_bucket(Bucket=bucket)
-        dagster = start_dagster(env, free_port(), home / "logs")
-        instance = DagsterInstance.from_config(str(home / "dagster"))
-        latencies = []
-        try:
-            landing = S3Location.parse(settings.landing)
+    interval = str(Settings.model_fields["sensor_interval_seconds"].default)
+    os.environ.update(LOCAL_CREDENTIALS)  # moto's; this is a bench process of its own
+    port = free_port()
+    moto = start_moto_server(port)
+    latencies = []
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        extra = {"PUBLISH_PLATFORM_SENSOR_INTERVAL_SECONDS": interval}
+        with (
+            tempfile.TemporaryDirectory(prefix="publish-latency-") as scratch,
+            running_platform(Path(scratch), endpoint, extra_env=extra) as platform,
+        ):
+            s3 = s3_client(endpoint)
+            landing = S3Location.parse(platform.landing)
             for number in range(batches):
                 run = RunRef("postgres", "latency", str(uuid.uuid4()))
                 _land(s3, landing, run, f"{SOURCE}-{number}")
                 landed = time.monotonic()
-                status = None
-                while time.monotonic() - landed < 300 and status not in SETTLED:
-                    if run.partition_key in instance.get_dynamic_partitions("workflow_runs"):
-                        state = derive_states(instance, settings.landing, [run.partition_key])[0]
-                        status = state.status
-                    time.sleep(0.25)
-                if status != PublishStatus.COMPLETE:
-                    raise RuntimeError(f"{run.partition_key} ended {status}, not COMPLETE")
+                state = wait_for_state(
+                    platform.instance, platform.landing, run.partition_key, poll_s=0.25
+                )
+                if state.status != PublishStatus.COMPLETE:
+                    raise RuntimeError(f"{run.partition_key} ended {state.status}, not COMPLETE")
                 latencies.append(time.monotonic() - landed)
-        finally:
-            instance.dispose()
-            dagster.stop()
-            moto.terminate()
-            moto.wait(timeout=30)
+    finally:
+        moto.terminate()
+        moto.wait(timeout=30)
     ordered = sorted(latencies)
     return {
         "batches": batches,
         "p50_s": ordered[len(ordered) // 2],
         "max_s": ordered[-1],
-        "sensor_interval_s": settings.sensor_interval_seconds,
+        "sensor_interval_s": float(interval),
     }
 
 

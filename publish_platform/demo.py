@@ -41,6 +41,34 @@ def read_run_entities(run_folder: Path) -> dict[str, list[dict]]:
     return found
 
 
+def run_files(files: dict[str, list[dict]], manifest: dict | None = None) -> dict[str, bytes]:
+    """A 3.x run folder's files by path relative to it: entities, .sha256 sidecars, manifest."""
+    found: dict[str, bytes] = {}
+    for entity_folder, rows in files.items():
+        data = b"".join(orjson.dumps(row) + b"\n" for row in rows)
+        found[f"transformed/{entity_folder}/entities.json"] = data
+        found[f"transformed/{entity_folder}/entities.json.sha256"] = (
+            hashlib.sha256(data).hexdigest().encode()
+        )
+    if manifest is not None:
+        found[MANIFEST_NAME] = orjson.dumps(manifest)
+    return found
+
+
+def manifest_for(connection: str, workflow_id: str, run_id: str) -> dict:
+    """The completion manifest of a successful full run that read its source just now."""
+    now = datetime.now(UTC).isoformat()
+    return {
+        "connection_qualified_name": connection,
+        "workflow_id": workflow_id,
+        "run_id": run_id,
+        "status": "SUCCEEDED",
+        "source_timestamp": now,
+        "processing_timestamp": now,
+        "mode": "full",
+    }
+
+
 def write_run(
     root: Path,
     app: str,
@@ -51,16 +79,10 @@ def write_run(
 ) -> DemoRun:
     """Write a 3.x run folder with .sha256 sidecars (and optionally a manifest) under ``root``."""
     run_folder = root / RUNS_ROOT / app / "workflows" / workflow_id / run_id
-    entities: list[dict] = []
-    for entity_folder, rows in files.items():
-        path = run_folder / "transformed" / entity_folder / "entities.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = b"".join(orjson.dumps(row) + b"\n" for row in rows)
-        path.write_bytes(data)
-        path.with_name("entities.json.sha256").write_text(hashlib.sha256(data).hexdigest())
-        entities.extend(rows)
-    if manifest is not None:
-        (run_folder / MANIFEST_NAME).write_bytes(orjson.dumps(manifest))
+    for relative, data in run_files(files, manifest).items():
+        (run_folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (run_folder / relative).write_bytes(data)
+    entities = [row for rows in files.values() for row in rows]
     return DemoRun(root, f"{app}/{workflow_id}/{run_id}", entities)
 
 
@@ -140,23 +162,14 @@ def changed_run(root: Path, fixtures: Path | None = None, run_id: str | None = N
     )
     files["column"].append(column)
 
-    connection = None
+    connection = ""
     for rows in files.values():
         for entity in rows:
             attributes = entity["attributes"]
             attributes["lastSyncRun"] = run_id
             attributes["lastSyncRunAt"] = now_ms
             connection = attributes["connectionQualifiedName"]
-    now = datetime.now(UTC).isoformat()
-    manifest = {
-        "connection_qualified_name": connection,
-        "workflow_id": workflow_id,
-        "run_id": run_id,
-        "status": "SUCCEEDED",
-        "source_timestamp": now,
-        "processing_timestamp": now,
-        "mode": "full",
-    }
+    manifest = manifest_for(connection, workflow_id, run_id)
     return write_run(root, app, workflow_id, run_id, files, manifest)
 
 

@@ -66,22 +66,28 @@ def ensure_bucket(s3: Any, bucket: str) -> None:
         s3.create_bucket(Bucket=bucket)
 
 
-def upload_tree(s3: Any, folder: Path, bucket: str, prefix: str = "") -> list[str]:
-    """Upload every file below ``folder`` with its path relative to it as the key.
+def landing_order(key: str) -> tuple[int, str]:
+    """Data files first, then their ``.sha256`` sidecars, the manifest last: the order the
+    Application SDK writes them, so a watching sensor never sees a half-landed run as ready."""
+    if key.rsplit("/", 1)[-1] == "publish-request.json":
+        return (2, key)
+    return (1 if key.endswith(".sha256") else 0, key)
 
-    Data files go before their ``.sha256`` sidecars and the manifest goes last, the order the
-    Application SDK writes them, so a watching sensor never sees a half-landed run as ready.
-    """
-    files = [p for p in folder.rglob("*") if p.is_file()]
 
-    def order(path: Path) -> tuple[int, str]:
-        if path.name == "publish-request.json":
-            return (2, str(path))
-        return (1 if path.name.endswith(".sha256") else 0, str(path))
-
+def put_files(s3: Any, bucket: str, prefix: str, files: dict[str, bytes]) -> list[str]:
+    """Upload files keyed by their path below ``prefix``, in landing order."""
     keys = []
-    for path in sorted(files, key=order):
-        key = prefix + path.relative_to(folder).as_posix()
-        s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-        keys.append(key)
+    for relative in sorted(files, key=landing_order):
+        s3.put_object(Bucket=bucket, Key=prefix + relative, Body=files[relative])
+        keys.append(prefix + relative)
     return keys
+
+
+def upload_tree(s3: Any, folder: Path, bucket: str, prefix: str = "") -> list[str]:
+    """Upload every file below ``folder`` with its path relative to it as the key."""
+    files = {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+    return put_files(s3, bucket, prefix, files)

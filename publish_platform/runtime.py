@@ -1,7 +1,8 @@
 """Processes of a running platform: the Dagster instance home, webserver and daemon.
 
-Used by ``publish-platform dev`` and by the end-to-end tests, so both run the platform the same
-way production does: ``dagster-webserver`` and ``dagster-daemon`` on ``workspace.yaml``.
+Used by ``publish-platform dev``, the latency benchmark and the end-to-end tests, so all run the
+platform the same way production does: ``dagster-webserver`` and ``dagster-daemon`` on
+``workspace.yaml``. ``running_platform`` is the whole of it on one machine against an S3 endpoint.
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
+
+from publish_platform.local_s3 import LOCAL_CREDENTIALS, ensure_bucket, free_port, s3_client
+from publish_platform.publish_state import PublishState, PublishStatus, derive_states
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_YAML = PROJECT_ROOT / "workspace.yaml"
@@ -122,3 +129,98 @@ def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> DagsterProce
             time.sleep(0.5)
     processes.stop()
     raise RuntimeError(f"dagster-webserver did not answer within 180s; see {log_dir}")
+
+
+# Statuses a batch stays in until something new happens to it.
+SETTLED = {
+    PublishStatus.SUPERSEDED,
+    PublishStatus.COMPLETE,
+    PublishStatus.FAILED,
+    PublishStatus.HELD,
+    PublishStatus.QUARANTINED,
+    PublishStatus.SKIPPED,
+}
+
+
+@dataclass
+class RunningPlatform:
+    env: dict[str, str]
+    instance: Any  # DagsterInstance
+    url: str
+
+    @property
+    def landing(self) -> str:
+        return self.env["PUBLISH_PLATFORM_LANDING"]
+
+
+@contextmanager
+def running_platform(
+    folder: Path,
+    s3_endpoint: str,
+    metastore: str | None = None,
+    dagster_postgres_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[RunningPlatform]:
+    """The platform on this machine, its home in ``folder``: landing and state buckets of its
+    own on ``s3_endpoint``, dagster-webserver and dagster-daemon (Dagster on SQLite, or on
+    Postgres with ``dagster_postgres_url``), the local catalog unless ``metastore`` says other.
+    This process's environment is the platform's while it runs."""
+    from dagster import DagsterInstance
+
+    suffix = uuid.uuid4().hex[:8]
+    home = folder / "home"
+    dagster_home = home / "dagster"
+    env = {
+        **LOCAL_CREDENTIALS,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "DAGSTER_HOME": str(dagster_home),
+        "PUBLISH_PLATFORM_HOME": str(home),
+        "PUBLISH_PLATFORM_LANDING": f"s3://land-{suffix}/runs/",
+        "PUBLISH_PLATFORM_STATE": f"s3://state-{suffix}/publish/",
+        "PUBLISH_PLATFORM_SETTLE_SECONDS": "1",
+        "PUBLISH_PLATFORM_SENSOR_INTERVAL_SECONDS": "1",
+        "PUBLISH_PLATFORM_METASTORE": metastore or f"sqlite:///{home / 'catalog.sqlite'}",
+        **(extra_env or {}),
+    }
+    if dagster_postgres_url:
+        env["DAGSTER_POSTGRES_URL"] = dagster_postgres_url
+    write_instance_yaml(dagster_home, storage="postgres" if dagster_postgres_url else "sqlite")
+    s3 = s3_client(s3_endpoint)
+    ensure_bucket(s3, f"land-{suffix}")
+    ensure_bucket(s3, f"state-{suffix}")
+
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    processes = start_dagster(env, free_port(), folder / "logs")
+    instance = DagsterInstance.from_config(str(dagster_home))
+    try:
+        yield RunningPlatform(env, instance, processes.url)
+    finally:
+        instance.dispose()
+        processes.stop()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def wait_for_state(
+    instance: Any,
+    landing: str,
+    key: str,
+    statuses: set[PublishStatus] = SETTLED,
+    timeout: float = 240,
+    dead_letters: Any = None,
+    poll_s: float = 1.0,
+) -> PublishState:
+    """Poll a batch's publish-state until it is in ``statuses``; the state it reached."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if key in instance.get_dynamic_partitions("workflow_runs"):
+            dead = dead_letters() if dead_letters else None
+            state = derive_states(instance, landing, [key], dead_letters=dead)[0]
+            if state.status in statuses:
+                return state
+        time.sleep(poll_s)
+    raise TimeoutError(f"{key} did not reach {sorted(statuses)} within {timeout}s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -67,6 +68,25 @@ def empty_snapshot() -> pl.DataFrame:
     return pl.DataFrame(schema=SNAPSHOT_SCHEMA)
 
 
+def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
+    """A snapshot's parquet as SNAPSHOT_SCHEMA. ``payload=False`` leaves the entities' JSON out
+    (null): most of its size, needed to publish or roll back but not to diff or plan. Columns a
+    snapshot was written without (``raw_hash`` before it existed) read as null."""
+
+    def source() -> io.BytesIO | Path:
+        return io.BytesIO(parquet) if isinstance(parquet, bytes) else parquet
+
+    present = set(pl.read_parquet_schema(source()))
+    wanted = [c for c in SNAPSHOT_SCHEMA if c in present and (payload or c != "entity")]
+    frame = pl.read_parquet(source(), columns=wanted)
+    missing = [
+        pl.lit(None, dtype).alias(name)
+        for name, dtype in SNAPSHOT_SCHEMA.items()
+        if name not in frame.columns
+    ]
+    return frame.with_columns(missing).select(list(SNAPSHOT_SCHEMA))
+
+
 class StateStore:
     def __init__(self, s3: Any, location: S3Location) -> None:
         self.s3 = s3
@@ -104,11 +124,11 @@ class StateStore:
         frame.write_parquet(buffer, compression="zstd")
         return self.put_bytes(key, buffer.getvalue(), **conditions)
 
-    def get_frame(self, key: str, columns: list[str] | None = None) -> pl.DataFrame:
+    def get_frame(self, key: str) -> pl.DataFrame:
         found = self.get_bytes(key)
         if found is None:
             raise FileNotFoundError(self.url(key))
-        return pl.read_parquet(io.BytesIO(found[0]), columns=columns)
+        return pl.read_parquet(io.BytesIO(found[0]))
 
     # --- pointer and snapshots ---
 
@@ -127,22 +147,14 @@ class StateStore:
         return pointer.serial if pointer else 0
 
     def read_snapshot(self, source: str, serial: int, payload: bool = True) -> pl.DataFrame:
-        """A committed snapshot; ``payload=False`` leaves the entities' JSON out (null), which is
-        most of its size and needed only to publish or roll back, not to diff or plan."""
+        """A committed snapshot (see ``load_snapshot`` for ``payload``)."""
         if serial == 0:
             return empty_snapshot()
         key = self.snapshot_key_of(source, serial)
-        wanted = None if payload else [c for c in SNAPSHOT_SCHEMA if c != "entity"]
-        try:
-            frame = self.get_frame(key, columns=wanted)
-        except pl.exceptions.ColumnNotFoundError:  # written before raw_hash existed
-            frame = self.get_frame(key, columns=[c for c in wanted or [] if c != "raw_hash"])
-        missing = [
-            pl.lit(None, dtype).alias(name)
-            for name, dtype in SNAPSHOT_SCHEMA.items()
-            if name not in frame.columns
-        ]
-        return frame.with_columns(missing).select(list(SNAPSHOT_SCHEMA))
+        found = self.get_bytes(key)
+        if found is None:
+            raise FileNotFoundError(self.url(key))
+        return load_snapshot(found[0], payload)
 
     def snapshot_key_of(self, source: str, serial: int) -> str:
         """The committed snapshot of a serial: the pointer's, or the history's for older ones."""

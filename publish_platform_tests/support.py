@@ -13,6 +13,7 @@ import orjson
 from publish_platform.config import S3Location, Settings
 from publish_platform.entities import references_of
 from publish_platform.landing import RunRef
+from publish_platform.local_s3 import put_files
 
 
 def _fixtures_dir() -> Path:
@@ -81,16 +82,10 @@ def land(
     manifest: dict | bytes | None = None,
 ) -> None:
     """Upload a run folder the way the SDK does: data, then sidecars, then the manifest."""
-    prefix = run.prefix(landing)
-
-    def order(key: str) -> tuple[int, str]:
-        return (1 if key.endswith(".sha256") else 0, key)
-
-    for key in sorted(files, key=order):
-        s3.put_object(Bucket=landing.bucket, Key=prefix + key, Body=files[key])
     if manifest is not None:
         body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
-        s3.put_object(Bucket=landing.bucket, Key=prefix + "publish-request.json", Body=body)
+        files = {**files, "publish-request.json": body}
+    put_files(s3, landing.bucket, run.prefix(landing), files)
 
 
 def manifest_for(run: RunRef, source: str = UPSTREAM_SOURCE, **overrides: Any) -> dict:

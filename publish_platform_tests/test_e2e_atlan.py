@@ -32,10 +32,10 @@ from publish_platform.landing import RunRef
 from publish_platform.local_atlas import Fault, LocalAtlas, RateLimit
 from publish_platform.local_s3 import s3_client
 from publish_platform.publish_state import PublishStatus
+from publish_platform.runtime import running_platform, wait_for_state
 from publish_platform.state import StateStore
 from publish_platform_tests.commands import run_cli
 from publish_platform_tests.conftest import ATLAN_TEST_KEY
-from publish_platform_tests.platform_support import running_platform, wait_for_state
 from publish_platform_tests.support import (
     entity,
     identity,

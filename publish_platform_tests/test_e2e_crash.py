@@ -19,8 +19,8 @@ from dagster import AssetKey, DagsterEventType
 from publish_platform.demo import write_run
 from publish_platform.metastores.sql import SqlCatalog
 from publish_platform.publish_state import PublishStatus
+from publish_platform.runtime import running_platform, wait_for_state
 from publish_platform_tests.commands import run_cli
-from publish_platform_tests.platform_support import running_platform, wait_for_state
 from publish_platform_tests.support import SOURCE, entity, identities
 
 pytestmark = pytest.mark.slow

@@ -31,8 +31,8 @@ from publish_platform.demo import (
 )
 from publish_platform.metastores.sql import SqlCatalog
 from publish_platform.publish_state import PublishStatus, derive_states
+from publish_platform.runtime import running_platform, wait_for_state
 from publish_platform_tests.commands import run_cli
-from publish_platform_tests.platform_support import running_platform, wait_for_state
 
 pytestmark = pytest.mark.slow
 
