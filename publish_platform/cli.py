@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
 from publish_platform.config import Settings, load_settings
 
@@ -42,10 +43,17 @@ def _instance(settings: Settings) -> Any:
     return DagsterInstance.get()
 
 
-def _print_json(models: Sequence[Any]) -> None:
-    """Pydantic models as one indented JSON list on stdout."""
-    payload = [model.model_dump(mode="json") for model in models]
-    sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
+def _print_json(payload: Any) -> None:
+    """Indented JSON on stdout; pydantic models are dumped as JSON (datetimes as ISO text)."""
+
+    def dump(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        raise TypeError(f"not JSON: {type(value).__name__}")
+
+    sys.stdout.write(
+        orjson.dumps(payload, default=dump, option=orjson.OPT_INDENT_2).decode() + "\n"
+    )
 
 
 # --- land ------------------------------------------------------------------------------------
@@ -135,11 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     states = current_states(_instance(settings), settings, _state_store(settings))
     if args.json:
         queue = queue_metrics(states, datetime.now(UTC), settings.monitor_window)
-        payload = {
-            "queue": queue.model_dump(mode="json"),
-            "batches": [s.model_dump(mode="json") for s in states],
-        }
-        sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
+        _print_json({"queue": queue, "batches": states})
         return 0
     header = ("PARTITION", "SOURCE", "STATUS", "COUNTS", "STARTED", "UPDATED")
     rows = [
@@ -419,10 +423,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sensor_runs=args.sensor_runs,
         latency_batches=args.latency_batches,
     )
-    text = json.dumps(result, indent=2)
     if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    _print_json(result)
     return 0
 
 

@@ -62,8 +62,9 @@ def with_immediate_retries(
     on_retry: Callable[[int, Exception], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Tier 1: retry a transient failure a few times, quickly. Throttling goes up to tier 2
-    (waiting inside the step would hold a worker and ignore the tenant-wide cool-down)."""
+    """Tier 1: retry a transient failure a few times, quickly. Throttling is not retried here:
+    the metastore waits out short cool-downs itself (tenant-wide, see metastores.rate_limit) and
+    raises ThrottledError only for what should go up to tier 2."""
     attempt = 0
     while True:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -211,47 +211,67 @@ def _history_chart(history: list[BatchLine]) -> str:
     )
 
 
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """An HTML table; cells are escaped (pre-formatted strings and numbers alike)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def _source_section(source: SourceStatus) -> str:
     color = COLORS[source.status]
-    in_flight = "".join(
-        f"<tr><td>{_e(b.partition_key)}</td><td>{_e(b.status.value)}</td>"
-        f"<td>{_when(b.estimated_completion)}</td></tr>"
-        for b in source.in_flight
-    )
-    history = "".join(
-        f"<tr><td>{_e(b.partition_key)}</td><td>{_e(b.status.value)}</td>"
-        f"<td>{_when(b.finished_at)}</td><td>{_seconds(b.latency_s)}</td><td>{b.entities}</td></tr>"
-        for b in source.history[:10]
-    )
-    in_flight_table = (
-        "<h3>In flight</h3><table><tr><th>batch</th><th>status</th>"
-        f"<th>estimated completion</th></tr>{in_flight}</table>"
-        if in_flight
+    in_flight = (
+        "<h3>In flight</h3>"
+        + _table(
+            ("batch", "status", "estimated completion"),
+            (
+                (b.partition_key, b.status.value, _when(b.estimated_completion))
+                for b in source.in_flight
+            ),
+        )
+        if source.in_flight
         else ""
+    )
+    history = _table(
+        ("batch", "status", "finished", "landed → published", "changes"),
+        (
+            (
+                b.partition_key,
+                b.status.value,
+                _when(b.finished_at),
+                _seconds(b.latency_s),
+                b.entities,
+            )
+            for b in source.history[:10]
+        ),
     )
     return f"""
 <section class="source" data-source="{_e(source.source)}" data-status="{source.status}">
   <h2>{_e(source.source)} <span class="badge" style="background:{color}">{source.status}</span></h2>
   <p>{_e(source.summary)} · last successful publish: <b>{_when(source.last_success_at)}</b></p>
-  {in_flight_table}
+  {in_flight}
   <h3>Last runs</h3>
   {_history_chart(source.history)}
-  <table><tr><th>batch</th><th>status</th><th>finished</th><th>landed → published</th>
-  <th>changes</th></tr>{history}</table>
+  {history}
 </section>"""
 
 
 def _trend_section(document: StatusDocument) -> str:
     t = document.trends
-    daily = "".join(
-        f"<tr><td>{d.day}</td><td>{d.batches}</td><td>{d.errors}</td>"
-        f"<td>{_seconds(d.latency_p50_s)}</td><td>{d.entities}</td></tr>"
-        for d in t.daily
+    daily = _table(
+        ("day", "batches", "errors", "p50 latency", "entities"),
+        ((d.day, d.batches, d.errors, _seconds(d.latency_p50_s), d.entities) for d in t.daily),
     )
-    reliability = "".join(
-        f"<tr><td>{_e(r.source)}</td><td>{r.succeeded}/{r.finished}</td>"
-        f"<td>{'–' if r.success_rate is None else f'{r.success_rate:.0%}'}</td></tr>"
-        for r in t.reliability
+    reliability = _table(
+        ("source", "succeeded", "rate"),
+        (
+            (
+                r.source,
+                f"{r.succeeded}/{r.finished}",
+                "–" if r.success_rate is None else f"{r.success_rate:.0%}",
+            )
+            for r in t.reliability
+        ),
     )
     slope = (
         f"{t.seconds_per_1k_entities:.2f} s per 1,000 changed entities"
@@ -260,10 +280,8 @@ def _trend_section(document: StatusDocument) -> str:
     )
     return f"""
 <section id="analysis"><h2>Historical analysis</h2><div class="grid">
-<div><h3>Publish performance by day</h3><table><tr><th>day</th><th>batches</th><th>errors</th>
-<th>p50 latency</th><th>entities</th></tr>{daily}</table></div>
-<div><h3>Source reliability</h3><table><tr><th>source</th><th>succeeded</th><th>rate</th></tr>
-{reliability}</table>
+<div><h3>Publish performance by day</h3>{daily}</div>
+<div><h3>Source reliability</h3>{reliability}
 <h3>Volume against publish time</h3><p>{slope}</p>{_scatter(document)}</div>
 </div></section>"""
 
