@@ -291,12 +291,12 @@ def measure_publish(folder: Path) -> dict[str, float]:
     catalog = SqlCatalog(f"sqlite:///{folder / 'catalog.sqlite'}")
     try:
         started = time.perf_counter()
-        outcome = execute_plan(operations, catalog, chunk_size=500)
+        outcome = execute_plan(operations, catalog, chunk_size=500, source=SOURCE)
         seconds = time.perf_counter() - started
         before = sum(catalog.versions().values())
         snapshot = load_snapshot(folder / "snapshot-v1.parquet", payload=False)
         noop_plan = _diff_plan(folder, "v3", snapshot)
-        execute_plan(noop_plan.operations, catalog, chunk_size=500)
+        execute_plan(noop_plan.operations, catalog, chunk_size=500, source=SOURCE)
         writes = sum(catalog.versions().values()) - before
     finally:
         catalog.close()

@@ -413,6 +413,7 @@ def run_publish(
         checkpoint,
         retry_tiers(),
         on_retry,
+        source,
     )
     snapshot = next_snapshot(base, plan.operations, outcome.results)
     serial = current + 1

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import orjson
 import polars as pl
 
 from publish_platform.metastores.base import (
@@ -73,8 +72,13 @@ def execute_plan(
     checkpoint: Checkpoint | None = None,
     tiers: RetryTiers | None = None,
     on_retry: RetryObserver | None = None,
+    source: str | None = None,
 ) -> PublishOutcome:
-    """Apply every operation not already recorded in ``checkpoint``; return all results."""
+    """Apply every operation not already recorded in ``checkpoint``; return all results.
+
+    ``source``: the batch's connection, which every entity of its plan belongs to (screened by
+    the diff); it saves the metastore reading it out of each entity.
+    """
     started = time.perf_counter()
     outcome = PublishOutcome(results=pl.DataFrame(schema=RESULT_SCHEMA))
     previous = checkpoint.done() if checkpoint is not None else outcome.results
@@ -85,9 +89,9 @@ def execute_plan(
     done = previous.height
     total = operations.height
     for chunk in _chunks(remaining, chunk_size):
-        rows = []
+        rows: list[tuple[int, bool, str | None, str | None]] = []
         for seq, result in _apply_isolating(
-            chunk, metastore, purge, outcome, tiers or RetryTiers(), on_retry
+            chunk, metastore, purge, outcome, tiers or RetryTiers(), on_retry, source
         ):
             rows.append((seq, result.ok, result.guid, result.error))
             if not result.ok:
@@ -102,7 +106,7 @@ def execute_plan(
         if checkpoint is not None:
             checkpoint.record(part)
         parts.append(part)
-        done += len(chunk)
+        done += chunk.height
         if progress is not None:
             progress(done, total)
     outcome.results = pl.concat(parts, how="vertical").sort("seq")
@@ -110,28 +114,27 @@ def execute_plan(
     return outcome
 
 
-def _chunks(operations: pl.DataFrame, chunk_size: int) -> Iterator[list[dict]]:
-    """Consecutive operations of one kind (upsert or delete), at most chunk_size each."""
-    chunk: list[dict] = []
-    kind = None
-    for row in operations.iter_rows(named=True):
-        row_kind = "delete" if row["op"] == "delete" else "upsert"
-        if chunk and (row_kind != kind or len(chunk) >= chunk_size):
-            yield chunk
-            chunk = []
-        kind = row_kind
-        chunk.append(row)
-    if chunk:
-        yield chunk
+def _chunks(operations: pl.DataFrame, chunk_size: int) -> Iterator[pl.DataFrame]:
+    """Consecutive operations of one kind (upsert or delete), at most chunk_size each: slices of
+    the plan, so no row is copied into Python before its chunk is sent."""
+    is_delete = operations.get_column("op").eq("delete").to_list()
+    start, total = 0, len(is_delete)
+    while start < total:
+        end = start + 1
+        while end < total and end - start < chunk_size and is_delete[end] == is_delete[start]:
+            end += 1
+        yield operations.slice(start, end - start)
+        start = end
 
 
 def _apply_isolating(
-    chunk: list[dict],
+    chunk: pl.DataFrame,
     metastore: Metastore,
     purge: bool,
     outcome: PublishOutcome,
     tiers: RetryTiers,
     on_retry: RetryObserver | None,
+    source: str | None,
 ) -> Iterator[tuple[int, WriteResult]]:
     def retried(attempt: int, exc: Exception) -> None:
         outcome.requests += 1
@@ -141,12 +144,14 @@ def _apply_isolating(
 
     outcome.requests += 1
     try:
-        results = with_immediate_retries(lambda: _apply(chunk, metastore, purge), tiers, retried)
+        results = with_immediate_retries(
+            lambda: _apply(chunk, metastore, purge, source), tiers, retried
+        )
     except (TransientMetastoreError, MetastoreRefusedError):
         raise  # the metastore, not this chunk, is failing: splitting would not help (tier 2)
     except Exception as exc:  # noqa: BLE001 - any failure of a chunk is isolated, then reported
-        if len(chunk) == 1:
-            row = chunk[0]
+        if chunk.height == 1:
+            row = chunk.row(0, named=True)
             message = f"{type(exc).__name__}: {exc}"[:2000]
             yield (
                 row["seq"],
@@ -154,31 +159,33 @@ def _apply_isolating(
             )
             return
         outcome.split_chunks += 1
-        middle = len(chunk) // 2
-        yield from _apply_isolating(chunk[:middle], metastore, purge, outcome, tiers, on_retry)
-        yield from _apply_isolating(chunk[middle:], metastore, purge, outcome, tiers, on_retry)
+        middle = chunk.height // 2
+        for half in (chunk.head(middle), chunk.slice(middle)):
+            yield from _apply_isolating(half, metastore, purge, outcome, tiers, on_retry, source)
         return
-    for row, result in zip(chunk, results, strict=True):
-        yield row["seq"], result
+    yield from zip(chunk.get_column("seq").to_list(), results, strict=True)
 
 
-def _apply(chunk: list[dict], metastore: Metastore, purge: bool) -> list[WriteResult]:
-    if chunk[0]["op"] == "delete":
+def _apply(
+    chunk: pl.DataFrame, metastore: Metastore, purge: bool, source: str | None
+) -> list[WriteResult]:
+    if chunk.item(0, "op") == "delete":
         return metastore.delete(
-            [Identity(row["type_name"], row["qualified_name"], row["guid"]) for row in chunk],
+            [
+                Identity(type_name, qualified_name, guid)
+                for type_name, qualified_name, guid in chunk.select(
+                    "type_name", "qualified_name", "guid"
+                ).iter_rows()
+            ],
             purge=purge,
         )
+    columns = chunk.select("type_name", "qualified_name", "entity", "hash", "guid", "references")
     return metastore.upsert(
         [
             EntityWrite(
-                type_name=row["type_name"],
-                qualified_name=row["qualified_name"],
-                entity=orjson.loads(row["entity"]),
-                content_hash=row["hash"],
-                guid=row["guid"],
-                references=tuple(row["references"] or ()),
+                type_name, qualified_name, entity, content_hash, guid, tuple(refs or ()), source
             )
-            for row in chunk
+            for type_name, qualified_name, entity, content_hash, guid, refs in columns.iter_rows()
         ]
     )
 

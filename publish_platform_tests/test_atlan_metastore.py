@@ -34,7 +34,7 @@ MUTATIONS = {("POST", "/api/meta/entity/bulk/"), ("DELETE", "/api/meta/entity/bu
 
 
 def writes_of(entities: list[dict], guids: dict | None = None) -> list[EntityWrite]:
-    return [EntityWrite(*identity(e), e, "hash", (guids or {}).get(identity(e))) for e in entities]
+    return [EntityWrite.of(e, "hash", (guids or {}).get(identity(e))) for e in entities]
 
 
 def calls(atlas: LocalAtlas) -> list[tuple[str, str, int]]:

@@ -32,7 +32,7 @@ def catalog(catalog_url):
 
 def write(type_name: str, path: str, source: str = SOURCE, guid: str | None = None, **attrs):
     e = entity(type_name, path, source, **attrs)
-    return EntityWrite(type_name, e["attributes"]["qualifiedName"], e, f"hash-{path}", guid)
+    return EntityWrite.of(e, f"hash-{path}", guid)
 
 
 def test_upsert_creates_with_guid_and_reupsert_keeps_it(catalog):

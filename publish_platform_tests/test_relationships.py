@@ -106,7 +106,7 @@ def test_plan_reports_edges_added_removed_and_repointed_and_publish_applies_them
 def connection_only_in_the_metastore(catalog: SqlCatalog) -> None:
     """The Connection is managed outside connector runs: the catalog has it, no batch does."""
     connection = entity("Connection")
-    catalog.upsert([EntityWrite("Connection", SOURCE, connection, "connection-hash")])
+    catalog.upsert([EntityWrite.of(connection, "connection-hash")])
 
 
 def with_dangling() -> list[dict]:

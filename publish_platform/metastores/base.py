@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
+
+import orjson
 
 
 class TransientMetastoreError(RuntimeError):
@@ -33,15 +36,44 @@ class Identity:
 
 @dataclass(frozen=True)
 class EntityWrite:
-    """One entity to create or update, exactly as the input carried it."""
+    """One entity to create or update, exactly as the input carried it.
+
+    The entity travels as the plan's JSON text: a metastore that stores text (the SQL catalog)
+    never pays for parsing and re-serialising it; one that needs the object parses it once.
+    """
 
     type_name: str
     qualified_name: str
-    entity: dict
+    entity_json: str
     content_hash: str
     guid: str | None = None
     # Reference edges: {"attribute", "type_name", "qualified_name"} of each target.
     references: tuple[dict[str, str], ...] = ()
+    # The entity's connectionQualifiedName when the caller knows it (a batch's entities all
+    # belong to its source); a metastore reads it from the entity otherwise.
+    connection_qualified_name: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        entity: dict,
+        content_hash: str,
+        guid: str | None = None,
+        references: tuple[dict[str, str], ...] = (),
+    ) -> EntityWrite:
+        return cls(
+            entity["typeName"],
+            entity["attributes"]["qualifiedName"],
+            orjson.dumps(entity).decode(),
+            content_hash,
+            guid,
+            references,
+            entity["attributes"]["connectionQualifiedName"],
+        )
+
+    @cached_property
+    def entity(self) -> dict:
+        return orjson.loads(self.entity_json)
 
 
 @dataclass(frozen=True)
