@@ -62,9 +62,9 @@ class DiffResult:
         return dict(Counter(issue.reason for issue in self.issues))
 
 
-def recognisable(snapshot: pl.DataFrame) -> frozenset[str]:
+def recognisable(snapshot: pl.DataFrame) -> pl.DataFrame:
     """The snapshot's raw hashes: batch lines with one of these are unchanged (not parsed)."""
-    return frozenset(snapshot.get_column("raw_hash").drop_nulls().to_list())
+    return snapshot.select("raw_hash").drop_nulls().unique()
 
 
 def derive_source(parsed: ParsedEntities) -> str | list[str]:

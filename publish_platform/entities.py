@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 import polars as pl
 import pyarrow as pa
@@ -112,29 +113,119 @@ def references_of(attributes: dict) -> list[dict[str, str]]:
     return refs
 
 
+BLOCK_BYTES = 32 * 1024 * 1024  # lines are scanned this many bytes at a time: memory stays flat
+
+
 class RawHasher:
-    """BLAKE2b-128 of a line's bytes with its volatile attributes cut out, keyed by the set of
-    volatile attributes (a change of that setting can never match an older hash).
+    """Raw hashes of lines: a line's bytes with its volatile attributes cut out, hashed twice
+    (128 bits) with seeds derived from the set of volatile attributes, so a change of that
+    setting can never match an older hash.
 
     Two lines with the same raw hash have the same content but for volatile values, so a line
     whose raw hash is in the snapshot is unchanged. The converse does not hold (key order or
     whitespace may differ): such lines are parsed and compared by content hash as usual. A line
     naming a volatile attribute more than once (a nested key of that name) gets no raw hash.
+
+    The work runs in polars (Rust regex and hash, all cores), a block of lines at a time: it is
+    what every line of a batch pays, so it must cost less than parsing the line. polars does not
+    promise the same hash across its versions: after an upgrade lines are only not recognised
+    (parsed, at the usual cost), never wrongly recognised.
     """
 
     def __init__(self, volatile: Iterable[str]) -> None:
         names = sorted(set(volatile))
         self.limit = len(names)
-        self.key = hashlib.blake2b(",".join(names).encode(), digest_size=16).digest()
-        value = rb'(?:"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)'
-        alternatives = b"|".join(re.escape(name.encode()) for name in names) or b"(?!)"
-        self.pattern = re.compile(rb'"(?:' + alternatives + rb')"\s*:\s*' + value + rb"\s*,?")
+        key = hashlib.blake2b(",".join(names).encode(), digest_size=16).digest()
+        self.seeds = (int.from_bytes(key[:8], "big"), int.from_bytes(key[8:], "big"))
+        alternatives = "|".join(re.escape(name) for name in names)
+        value = r'(?:"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)'
+        self.names_pattern = rf'"(?:{alternatives})"\s*:' if names else None
+        self.cut_pattern = rf"{self.names_pattern}\s*{value}\s*,?" if names else None
+
+    def raw_hash(self, text: pl.Expr) -> pl.Expr:
+        """The raw hash of each line of ``text`` (a String column); null where it has none."""
+        if self.cut_pattern is None or self.names_pattern is None:
+            blanked, named = text, pl.lit(0)
+        else:
+            blanked = text.str.replace_all(self.cut_pattern, "")
+            named = text.str.count_matches(self.names_pattern)
+        blanked = blanked.str.strip_chars_end("\r\n")  # the same line, however it ends
+        first, second = (blanked.hash(seed).cast(pl.String) for seed in self.seeds)
+        return pl.when(named <= self.limit).then(pl.concat_str(first, pl.lit(":"), second))
+
+    def scan(self, block: bytes | memoryview, first_line: int) -> tuple[pl.DataFrame, int]:
+        """The non-blank lines of a block of whole lines: ``line`` (its number), ``data`` (its
+        bytes, newline included) and ``raw_hash`` (null for a line that is not UTF-8 or names a
+        volatile attribute twice); and how many lines the block has, blank ones included."""
+        lines = _split_lines(block)
+        data = pl.from_arrow(lines)
+        assert isinstance(data, pl.Series)
+        try:
+            text = data.cast(pl.String)
+        except pl.exceptions.PolarsError:  # some line is not UTF-8: find which, in Python
+            text = pl.Series([_utf8_or_none(line) for line in data.to_list()], dtype=pl.String)
+        scanned = (
+            pl.DataFrame({"data": data, "text": text})
+            .lazy()
+            .with_row_index("line", offset=first_line)
+            .filter(~pl.col("text").str.contains(r"^\s*$").fill_null(False))
+            .select(
+                pl.col("line").cast(pl.Int64),
+                "data",
+                raw_hash=self.raw_hash(pl.col("text")),
+            )
+            .collect()
+        )
+        return scanned, len(lines)
 
     def __call__(self, line: bytes) -> str | None:
-        blanked, cut = self.pattern.subn(b"", line)
-        if cut > self.limit:
-            return None
-        return hashlib.blake2b(blanked, digest_size=16, key=self.key).hexdigest()
+        scanned, _ = self.scan(line, 1)
+        return scanned.item(0, "raw_hash") if scanned.height else None
+
+
+def _utf8_or_none(line: bytes) -> str | None:
+    try:
+        return line.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _split_lines(block: bytes | memoryview) -> pa.LargeBinaryArray:
+    """A block's lines as an Arrow array over the block's own bytes (no copy per line)."""
+    view = np.frombuffer(block, dtype=np.uint8)
+    ends = np.flatnonzero(view == ord("\n")) + 1
+    if view.size and (ends.size == 0 or ends[-1] != view.size):
+        ends = np.append(ends, view.size)  # a last line without its newline
+    offsets = np.concatenate((np.zeros(1, dtype=np.int64), ends.astype(np.int64)))
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), int(ends.size), [None, pa.py_buffer(offsets), pa.py_buffer(block)]
+    )
+
+
+def line_blocks(content: bytes | Iterable[bytes]) -> Iterator[memoryview]:
+    """Blocks of whole lines of about BLOCK_BYTES from a file held whole (sliced, not copied)
+    or streamed in pieces (an S3 body: only about one block is held at a time)."""
+    if isinstance(content, bytes | bytearray):
+        view, start = memoryview(content), 0
+        while start < len(content):
+            end = content.rfind(b"\n", start, start + BLOCK_BYTES) + 1
+            if end <= start:  # one line longer than a block
+                end = content.find(b"\n", start + BLOCK_BYTES) + 1 or len(content)
+            yield view[start:end]
+            start = end
+        return
+    pending: list[bytes] = []
+    size = 0
+    for piece in content:
+        pending.append(piece)
+        size += len(piece)
+        if size >= BLOCK_BYTES and b"\n" in piece:
+            data = b"".join(pending)
+            end = data.rfind(b"\n") + 1
+            yield memoryview(data)[:end]
+            pending, size = [data[end:]], len(data) - end
+    if size:
+        yield memoryview(b"".join(pending))
 
 
 @dataclass
@@ -147,65 +238,60 @@ class ParsedEntities:
     unchanged: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=UNCHANGED_SCHEMA))
 
 
-def numbered_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The lines of a file with their 1-based numbers, without a list of them all in memory."""
-    start, number, size = 0, 0, len(data)
-    while start < size:
-        end = data.find(b"\n", start)
-        if end == -1:
-            end = size
-        number += 1
-        yield number, data[start:end]
-        start = end + 1
-
-
 def parse_files(
-    files: Iterable[tuple[str, bytes]],
+    files: Iterable[tuple[str, bytes | Iterable[bytes]]],
     volatile: Iterable[str],
     max_line_bytes: int = MAX_LINE_BYTES,
-    known_raw: frozenset[str] | set[str] | None = None,
+    known_raw: pl.DataFrame | None = None,
 ) -> ParsedEntities:
     """Parse JSON-lines files into one frame of valid entities; every bad line becomes an issue.
 
-    Lines whose raw hash is in ``known_raw`` (the snapshot's) are unchanged: they are listed in
+    A file is its bytes or an iterable of pieces of them (streamed). Lines whose raw hash is in
+    ``known_raw`` (a ``raw_hash`` column: the snapshot's) are unchanged: they are listed in
     ``unchanged`` and not parsed.
     """
     volatile_set = frozenset(volatile)
-    raw_hash = RawHasher(volatile_set)
+    hasher = RawHasher(volatile_set)
     rows: dict[str, list] = {name: [] for name in ENTITY_SCHEMA}
-    unchanged: dict[str, list] = {name: [] for name in UNCHANGED_SCHEMA}
+    unchanged: list[pl.DataFrame] = [pl.DataFrame(schema=UNCHANGED_SCHEMA)]
     issues: list[EntityIssue] = []
     total = 0
     last_sync_ms: int | None = None
-    for source_file, data in files:
-        for number, line in numbered_lines(data):
-            if not line.strip():
-                continue
-            total += 1
-            raw = raw_hash(line) if len(line) <= max_line_bytes else None
-            if known_raw and raw in known_raw:
-                unchanged["raw_hash"].append(raw)
-                unchanged["source_file"].append(source_file)
-                unchanged["line"].append(number)
-                continue
-            entity, issue = _parse_line(source_file, number, line, max_line_bytes)
-            if issue is not None:
-                issues.append(issue)
-                continue
-            assert entity is not None
-            attributes = entity["attributes"]
-            synced = attributes.get("lastSyncRunAt")
-            if isinstance(synced, int) and (last_sync_ms is None or synced > last_sync_ms):
-                last_sync_ms = synced
-            rows["type_name"].append(entity["typeName"])
-            rows["qualified_name"].append(attributes["qualifiedName"])
-            rows["connection_qualified_name"].append(attributes["connectionQualifiedName"])
-            rows["hash"].append(content_hash(entity, volatile_set))
-            rows["entity"].append(canonical_json(entity).decode())
-            rows["references"].append(references_of(attributes))
-            rows["source_file"].append(source_file)
-            rows["line"].append(number)
-            rows["raw_hash"].append(raw)
+    known = known_raw if known_raw is not None and known_raw.height else None
+    for source_file, content in files:
+        first_line = 1
+        for block in line_blocks(content):
+            scanned, block_lines = hasher.scan(block, first_line)
+            first_line += block_lines
+            del block
+            total += scanned.height
+            if known is not None:
+                recognised = scanned.join(known, on="raw_hash", how="semi", maintain_order="left")
+                unchanged.append(
+                    recognised.select("raw_hash", pl.lit(source_file).alias("source_file"), "line")
+                )
+                scanned = scanned.join(known, on="raw_hash", how="anti", maintain_order="left")
+            for number, line, raw in scanned.iter_rows():
+                if line.endswith(b"\n"):
+                    line = line[:-1]
+                entity, issue = _parse_line(source_file, number, line, max_line_bytes)
+                if issue is not None:
+                    issues.append(issue)
+                    continue
+                assert entity is not None
+                attributes = entity["attributes"]
+                synced = attributes.get("lastSyncRunAt")
+                if isinstance(synced, int) and (last_sync_ms is None or synced > last_sync_ms):
+                    last_sync_ms = synced
+                rows["type_name"].append(entity["typeName"])
+                rows["qualified_name"].append(attributes["qualifiedName"])
+                rows["connection_qualified_name"].append(attributes["connectionQualifiedName"])
+                rows["hash"].append(content_hash(entity, volatile_set))
+                rows["entity"].append(canonical_json(entity).decode())
+                rows["references"].append(references_of(attributes))
+                rows["source_file"].append(source_file)
+                rows["line"].append(number)
+                rows["raw_hash"].append(raw)
     # Lists of structs built by Arrow in one call (polars would build a frame per row).
     references = pl.from_arrow(pa.array(rows.pop("references"), type=ARROW_REFERENCES))
     frame = pl.DataFrame(rows, schema={k: v for k, v in ENTITY_SCHEMA.items() if k in rows})
@@ -215,7 +301,7 @@ def parse_files(
         issues=issues,
         lines=total,
         last_sync_ms=last_sync_ms,
-        unchanged=pl.DataFrame(unchanged, schema=UNCHANGED_SCHEMA),
+        unchanged=pl.concat(unchanged, how="vertical"),
     )
 
 

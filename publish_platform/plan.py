@@ -111,7 +111,8 @@ def build_plan(
     deletes = changes.filter(pl.col("op") == "delete")
 
     upserts, isolated_required = _isolate_missing_required(upserts)
-    known = _known_identities(changes, snapshot, deletes, isolated_required)
+    targets = _references(upserts).select(IDENTITY).unique()
+    known = _known_identities(targets, changes, snapshot, deletes, isolated_required)
     # What the metastore may still have but will not after this plan: never a valid target.
     doomed = pl.concat(
         [deletes.select(IDENTITY), isolated_required.select(IDENTITY)], how="vertical"
@@ -188,21 +189,24 @@ def _isolate_missing_required(upserts: pl.DataFrame) -> tuple[pl.DataFrame, pl.D
 
 
 def _known_identities(
+    targets: pl.DataFrame,
     changes: pl.DataFrame,
     snapshot: pl.DataFrame,
     deletes: pl.DataFrame,
     isolated: pl.DataFrame,
 ) -> pl.DataFrame:
-    """Identities a reference may point at: the batch's and the snapshot's, less deletions and
-    new entities that are isolated (they will not exist)."""
+    """Of the identities references point at (``targets``), those that will exist: in the
+    batch or the snapshot, less deletions and new entities that are isolated. Only the targets
+    are looked up: the union of batch and snapshot would cost a pass over a million rows."""
     new_isolated = isolated.join(
         changes.filter(pl.col("op") == "create").select(IDENTITY), on=IDENTITY, how="semi"
     )
+    in_batch = targets.join(
+        changes.filter(pl.col("op") != "delete").select(IDENTITY), on=IDENTITY, how="semi"
+    )
+    in_snapshot = targets.join(snapshot.select(IDENTITY), on=IDENTITY, how="semi")
     return (
-        pl.concat(
-            [changes.filter(pl.col("op") != "delete").select(IDENTITY), snapshot.select(IDENTITY)],
-            how="vertical",
-        )
+        pl.concat([in_batch, in_snapshot], how="vertical")
         .unique()
         .join(deletes.select(IDENTITY), on=IDENTITY, how="anti")
         .join(new_isolated.select(IDENTITY), on=IDENTITY, how="anti")
