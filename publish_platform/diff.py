@@ -12,9 +12,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
-from publish_platform.entities import EntityIssue, ParsedEntities
+from publish_platform.entities import REFERENCES, EntityIssue, ParsedEntities
 from publish_platform.state import SNAPSHOT_SCHEMA
 
 Mode = Literal["full", "incremental"]
@@ -63,8 +64,14 @@ class DiffResult:
 
 
 def recognisable(snapshot: pl.DataFrame) -> pl.DataFrame:
-    """The snapshot's raw hashes: batch lines with one of these are unchanged (not parsed)."""
-    return snapshot.select("raw_hash").drop_nulls().unique()
+    """The snapshot's raw hashes, each with its row: batch lines with one of these are unchanged
+    (not parsed), and take identity, hash and guid from that row."""
+    return (
+        snapshot.select("raw_hash")
+        .with_row_index("snapshot_row")
+        .drop_nulls("raw_hash")
+        .unique("raw_hash", keep="first")
+    )
 
 
 def derive_source(parsed: ParsedEntities) -> str | list[str]:
@@ -84,23 +91,64 @@ def diff_batch(
 
     ``force`` re-sends every entity of the batch as an update even if unchanged (a republish
     that repairs a drifted metastore); deletions are computed as usual.
+
+    Most of a batch is lines recognised as unchanged (``parsed.unchanged``): they point at their
+    snapshot rows, so only the parsed lines are joined with the snapshot (by inner join: the
+    small side is hashed), and deletions are the snapshot rows nothing in the batch points at.
     """
-    batch, issues = screen(_with_recognised(parsed, snapshot, source), source, parsed.issues)
+    if force and parsed.unchanged.height:
+        raise ValueError("a forced diff re-sends every entity: parse every line (no known_raw)")
+    indexed = snapshot.with_row_index("snapshot_row")
+    # Two lines recognised as one row are one entity twice, with the same content: kept once.
+    recognised = parsed.unchanged.unique("snapshot_row", keep="first", maintain_order=True).join(
+        indexed.select("snapshot_row", *IDENTITY, "hash", "guid"), on="snapshot_row", how="inner"
+    )
+    # A parsed line with the identity of a recognised one is screened with it (a duplicate, or
+    # a conflict that isolates both).
+    overlap = recognised.join(parsed.frame.select(IDENTITY), on=IDENTITY, how="semi")
+    if overlap.height:
+        recognised = recognised.join(overlap.select(IDENTITY), on=IDENTITY, how="anti")
+    candidates = pl.concat(
+        [
+            parsed.frame,
+            overlap.join(indexed.select("snapshot_row", "references"), on="snapshot_row").select(
+                *IDENTITY,
+                connection_qualified_name=pl.lit(source),
+                hash="hash",
+                entity=pl.lit(None, pl.String),
+                references="references",
+                source_file="source_file",
+                line="line",
+                raw_hash="raw_hash",
+            ),
+        ],
+        how="vertical",
+    )
+    batch, issues = screen(candidates, source, parsed.issues)
     protected = _protected_identities(issues)
 
-    joined = batch.join(
-        snapshot.select([*IDENTITY, pl.col("hash").alias("old_hash"), "guid"]),
+    found = batch.join(
+        indexed.select(*IDENTITY, "snapshot_row", pl.col("hash").alias("old_hash"), "guid"),
         on=IDENTITY,
-        how="left",
+        how="inner",
     )
-    is_new = pl.col("old_hash").is_null()
-    changed = is_new | (pl.col("hash") != pl.col("old_hash")) | pl.lit(force)
-    upserts = joined.filter(changed).with_columns(
-        op=pl.when(is_new).then(pl.lit("create")).otherwise(pl.lit("update"))
+    creates = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti").with_columns(
+        op=pl.lit("create"), guid=pl.lit(None, pl.String)
     )
-    # Unchanged rows keep identity, hash and guid (no payload): the plan needs the whole batch.
-    kept = joined.filter(~changed).with_columns(
-        op=pl.lit("unchanged"), entity=pl.lit(None, pl.String)
+    changed = (pl.col("hash") != pl.col("old_hash")) | pl.lit(force)
+    updates = found.filter(changed).with_columns(op=pl.lit("update"))
+    # Unchanged rows keep identity, hash and guid (no payload, no references): the plan needs
+    # the whole batch's identities, the next snapshot keeps the rest from the base.
+    unchanged = pl.concat(
+        [
+            found.filter(~changed).select(*IDENTITY, "hash", "guid", "raw_hash"),
+            recognised.select(*IDENTITY, "hash", "guid", "raw_hash"),
+        ],
+        how="vertical",
+    ).with_columns(
+        op=pl.lit("unchanged"),
+        entity=pl.lit(None, pl.String),
+        references=pl.lit(None, REFERENCES),
     )
 
     deletions_withheld = None
@@ -113,17 +161,37 @@ def diff_batch(
                 " of them, so no deletion is inferred from this batch"
             )
         else:
-            missing = snapshot.join(batch.select(IDENTITY), on=IDENTITY, how="anti")
+            present = pl.concat(
+                [
+                    recognised.get_column("snapshot_row"),
+                    overlap.get_column("snapshot_row"),
+                    found.get_column("snapshot_row"),
+                ]
+            )
             if protected:
-                missing = missing.join(
-                    pl.DataFrame(sorted(protected), schema=IDENTITY, orient="row"),
-                    on=IDENTITY,
-                    how="anti",
+                present = pl.concat(
+                    [
+                        present,
+                        indexed.join(
+                            pl.DataFrame(sorted(protected), schema=IDENTITY, orient="row"),
+                            on=IDENTITY,
+                            how="inner",
+                        ).get_column("snapshot_row"),
+                    ]
                 )
-            deletes = missing.with_columns(op=pl.lit("delete")).select(list(DIFF_SCHEMA))
+            absent = pl.Series(np.ones(snapshot.height, dtype=bool)).scatter(present, False)
+            deletes = (
+                snapshot.filter(absent).with_columns(op=pl.lit("delete")).select(list(DIFF_SCHEMA))
+            )
 
     changes = pl.concat(
-        [upserts.select(list(DIFF_SCHEMA)), kept.select(list(DIFF_SCHEMA)), deletes],
+        [
+            pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal").select(
+                list(DIFF_SCHEMA)
+            ),
+            unchanged.select(list(DIFF_SCHEMA)),
+            deletes,
+        ],
         how="vertical",
     )
     return DiffResult(
@@ -136,19 +204,6 @@ def diff_batch(
         issues=issues,
         deletions_withheld=deletions_withheld,
     )
-
-
-def _with_recognised(parsed: ParsedEntities, snapshot: pl.DataFrame, source: str) -> pl.DataFrame:
-    """The parsed entities plus the lines recognised as unchanged, which take identity, hash and
-    references from their snapshot row (no payload: they are not sent)."""
-    if parsed.unchanged.height == 0:
-        return parsed.frame
-    recognised = parsed.unchanged.join(
-        snapshot.select([*IDENTITY, "hash", "references", "raw_hash"]).unique("raw_hash"),
-        on="raw_hash",
-        how="inner",
-    ).with_columns(connection_qualified_name=pl.lit(source), entity=pl.lit(None, pl.String))
-    return pl.concat([parsed.frame, recognised.select(parsed.frame.columns)], how="vertical")
 
 
 def screen(

@@ -44,11 +44,17 @@ ENTITY_SCHEMA = {
     "references": REFERENCES,
     "source_file": pl.String,
     "line": pl.Int64,
-    "raw_hash": pl.String,
+    "raw_hash": pl.UInt128,
 }
 
-# Lines recognised by their raw hash as unchanged since the snapshot: not parsed.
-UNCHANGED_SCHEMA = {"raw_hash": pl.String, "source_file": pl.String, "line": pl.Int64}
+# Lines recognised by their raw hash as unchanged since the snapshot (the row they match in it):
+# not parsed.
+UNCHANGED_SCHEMA = {
+    "raw_hash": pl.UInt128,
+    "snapshot_row": pl.UInt32,
+    "source_file": pl.String,
+    "line": pl.Int64,
+}
 
 
 @dataclass(frozen=True)
@@ -150,8 +156,8 @@ class RawHasher:
             blanked = text.str.replace_all(self.cut_pattern, "")
             named = text.str.count_matches(self.names_pattern)
         blanked = blanked.str.strip_chars_end("\r\n")  # the same line, however it ends
-        first, second = (blanked.hash(seed).cast(pl.String) for seed in self.seeds)
-        return pl.when(named <= self.limit).then(pl.concat_str(first, pl.lit(":"), second))
+        first, second = (blanked.hash(seed).cast(pl.UInt128) for seed in self.seeds)
+        return pl.when(named <= self.limit).then(first * 2**64 + second)
 
     def scan(self, block: bytes | memoryview, first_line: int) -> tuple[pl.DataFrame, int]:
         """The non-blank lines of a block of whole lines: ``line`` (its number), ``data`` (its
@@ -178,7 +184,7 @@ class RawHasher:
         )
         return scanned, len(lines)
 
-    def __call__(self, line: bytes) -> str | None:
+    def __call__(self, line: bytes) -> int | None:
         scanned, _ = self.scan(line, 1)
         return scanned.item(0, "raw_hash") if scanned.height else None
 
@@ -247,8 +253,8 @@ def parse_files(
     """Parse JSON-lines files into one frame of valid entities; every bad line becomes an issue.
 
     A file is its bytes or an iterable of pieces of them (streamed). Lines whose raw hash is in
-    ``known_raw`` (a ``raw_hash`` column: the snapshot's) are unchanged: they are listed in
-    ``unchanged`` and not parsed.
+    ``known_raw`` (``diff.recognisable``: the snapshot's raw hashes and rows) are unchanged: they
+    are listed in ``unchanged`` with their snapshot row, and not parsed.
     """
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
@@ -266,11 +272,14 @@ def parse_files(
             del block
             total += scanned.height
             if known is not None:
-                recognised = scanned.join(known, on="raw_hash", how="semi", maintain_order="left")
+                # One join per block, on 128-bit integers: the block's side is hashed.
+                recognised = scanned.join(known, on="raw_hash", how="inner").sort("line")
                 unchanged.append(
-                    recognised.select("raw_hash", pl.lit(source_file).alias("source_file"), "line")
+                    recognised.select(
+                        "raw_hash", "snapshot_row", pl.lit(source_file).alias("source_file"), "line"
+                    )
                 )
-                scanned = scanned.join(known, on="raw_hash", how="anti", maintain_order="left")
+                scanned = scanned.join(recognised.select("line"), on="line", how="anti")
             for number, line, raw in scanned.iter_rows():
                 if line.endswith(b"\n"):
                     line = line[:-1]

@@ -39,7 +39,7 @@ SNAPSHOT_SCHEMA = {
     "references": REFERENCES,
     # The line's hash without its volatile attributes (entities.RawHasher): lets the next batch
     # recognise an unchanged line without parsing it. Null in snapshots written before it.
-    "raw_hash": pl.String,
+    "raw_hash": pl.UInt128,
 }
 
 
@@ -71,7 +71,8 @@ def empty_snapshot() -> pl.DataFrame:
 def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
     """A snapshot's parquet as SNAPSHOT_SCHEMA. ``payload=False`` leaves the entities' JSON out
     (null): most of its size, needed to publish or roll back but not to diff or plan. Columns a
-    snapshot was written without (``raw_hash`` before it existed) read as null."""
+    snapshot was written without (``raw_hash`` before it existed) read as null, and so do raw
+    hashes of an older kind (text): they could never match a line's."""
 
     def source() -> io.BytesIO | Path:
         return io.BytesIO(parquet) if isinstance(parquet, bytes) else parquet
@@ -82,7 +83,7 @@ def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
     missing = [
         pl.lit(None, dtype).alias(name)
         for name, dtype in SNAPSHOT_SCHEMA.items()
-        if name not in frame.columns
+        if name not in frame.columns or frame.schema[name] != dtype
     ]
     return frame.with_columns(missing).select(list(SNAPSHOT_SCHEMA))
 

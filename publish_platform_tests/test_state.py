@@ -28,7 +28,7 @@ SNAPSHOT = pl.DataFrame(
             [],
             [{"attribute": "database", "type_name": "Database", "qualified_name": f"{SOURCE}/db"}],
         ],
-        "raw_hash": ["r1", None],
+        "raw_hash": [2**100 + 7, None],
     },
     schema=empty_snapshot().schema,
 )
@@ -104,6 +104,13 @@ def test_snapshots_read_without_payload_and_from_before_raw_hashes(store):
         legacy = store.read_snapshot(SOURCE, 2, payload=payload)
         assert legacy.columns == list(SNAPSHOT.columns)
         assert legacy["raw_hash"].null_count() == 2
+
+    # Raw hashes of the first kind (text) could never match a line's: they read as null.
+    textual_key = store.source_key(SOURCE, "snapshots", "textual.parquet")
+    store.put_frame(textual_key, SNAPSHOT.with_columns(raw_hash=pl.lit("9f86d081884c7d65")))
+    store.advance_pointer(pointer(3, snapshot_key=textual_key), expected_serial=2)
+    textual = store.read_snapshot(SOURCE, 3, payload=False)
+    assert textual.schema == SNAPSHOT.schema and textual["raw_hash"].null_count() == 2
 
 
 def test_serial_zero_is_the_empty_snapshot(store):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import orjson
 import polars as pl
+import pytest
 
 from publish_platform.diff import diff_batch, recognisable
 from publish_platform.entities import RawHasher, parse_files
@@ -76,10 +77,13 @@ def test_no_shortcut_when_forced_when_old_snapshots_lack_raw_hashes_or_volatile_
     snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
     lines = jsonl(resynced(first, "run-2"))
 
-    _, forced, _ = both_ways(lines, snapshot, force=True)
+    fast = parse_files([("f", lines)], VOLATILE, known_raw=recognisable(snapshot))
+    with pytest.raises(ValueError, match="forced"):
+        diff_batch(fast, snapshot, SOURCE, "full", force=True)  # unparsed lines cannot be re-sent
+    forced = diff_batch(parse_files([("f", lines)], VOLATILE), snapshot, SOURCE, "full", force=True)
     assert forced.count("update") == len(first)
 
-    legacy = snapshot.with_columns(raw_hash=pl.lit(None, pl.String))
+    legacy = snapshot.with_columns(raw_hash=pl.lit(None, pl.UInt128))
     parsed, fast, slow = both_ways(lines, legacy)
     assert parsed.unchanged.height == 0 and summary(fast) == summary(slow)
 
@@ -96,7 +100,7 @@ def test_the_raw_hash_ignores_volatile_values_only():
     nested = {**e, "attributes": {**e["attributes"], "x": {"lastSyncRun": "a"}}}
     assert hasher(orjson.dumps(nested)) is None  # a volatile name twice: no shortcut
     assert parse_files([("f", jsonl([e]))], VOLATILE, known_raw=None).frame.height == 1
-    assert empty_snapshot()["raw_hash"].dtype == pl.String
+    assert empty_snapshot()["raw_hash"].dtype == pl.UInt128
 
 
 def test_streamed_pieces_and_small_blocks_parse_like_the_whole_file(monkeypatch):
@@ -155,4 +159,4 @@ def test_the_raw_hash_is_the_same_in_another_process():
         .stdout.decode()
         .strip()
     )
-    assert other == RawHasher(VOLATILE)(line)
+    assert int(other) == RawHasher(VOLATILE)(line)
