@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from publish_platform.entities import REFERENCES, EntityIssue, ParsedEntities
+from publish_platform.entities import EntityIssue, KnownLines, ParsedEntities
 from publish_platform.state import SNAPSHOT_SCHEMA
 
 Mode = Literal["full", "incremental"]
@@ -45,14 +45,17 @@ IDENTITY = ["type_name", "qualified_name"]
 class DiffResult:
     source: str
     mode: Mode
-    changes: pl.DataFrame  # DIFF_SCHEMA: create / update / unchanged / delete rows
+    changes: pl.DataFrame  # DIFF_SCHEMA: create / update / delete rows
     lines: int
     valid_entities: int
     snapshot_entities: int
     issues: list[EntityIssue] = field(default_factory=list)
     deletions_withheld: str | None = None
+    unchanged: int = 0  # entities of the batch equal to their snapshot row (not listed)
 
     def count(self, op: str) -> int:
+        if op == "unchanged":
+            return self.unchanged
         return int(self.changes.filter(pl.col("op") == op).height)
 
     @property
@@ -63,15 +66,22 @@ class DiffResult:
         return dict(Counter(issue.reason for issue in self.issues))
 
 
-def recognisable(snapshot: pl.DataFrame) -> pl.DataFrame:
+def streamed_join(
+    left: pl.DataFrame,
+    right: pl.DataFrame,
+    on: str | list[str],
+    how: Literal["inner", "semi", "anti"] = "inner",
+) -> pl.DataFrame:
+    """A join of a batch's few rows with a snapshot's many, in polars' streaming engine: the
+    snapshot's keys are never encoded all at once (an eager join on two text columns costs
+    about 150 MB per million snapshot rows). Row order is not kept."""
+    return left.lazy().join(right.lazy(), on=on, how=how).collect(engine="streaming")
+
+
+def recognisable(snapshot: pl.DataFrame) -> KnownLines:
     """The snapshot's raw hashes, each with its row: batch lines with one of these are unchanged
     (not parsed), and take identity, hash and guid from that row."""
-    return (
-        snapshot.select("raw_hash")
-        .with_row_index("snapshot_row")
-        .drop_nulls("raw_hash")
-        .unique("raw_hash", keep="first")
-    )
+    return KnownLines(snapshot.select("raw_hash").with_row_index("snapshot_row"))
 
 
 def derive_source(parsed: ParsedEntities) -> str | list[str]:
@@ -99,15 +109,18 @@ def diff_batch(
     if force and parsed.unchanged.height:
         raise ValueError("a forced diff re-sends every entity: parse every line (no known_raw)")
     indexed = snapshot.with_row_index("snapshot_row")
-    # Two lines recognised as one row are one entity twice, with the same content: kept once.
-    recognised = parsed.unchanged.unique("snapshot_row", keep="first", maintain_order=True).join(
-        indexed.select("snapshot_row", *IDENTITY, "hash", "guid"), on="snapshot_row", how="inner"
+    # Recognised lines stay snapshot row numbers (no identity is copied for them). Those whose
+    # entity also appears on a parsed line are screened with it: a duplicate, or a conflict
+    # that isolates both.
+    recognised_rows = parsed.unchanged.get_column("snapshot_row")
+    parsed_rows = streamed_join(
+        parsed.frame.select(IDENTITY), indexed.select(*IDENTITY, "snapshot_row"), IDENTITY
     )
-    # A parsed line with the identity of a recognised one is screened with it (a duplicate, or
-    # a conflict that isolates both).
-    overlap = recognised.join(parsed.frame.select(IDENTITY), on=IDENTITY, how="semi")
-    if overlap.height:
-        recognised = recognised.join(overlap.select(IDENTITY), on=IDENTITY, how="anti")
+    overlap = (
+        parsed.unchanged.join(parsed_rows.select("snapshot_row"), on="snapshot_row", how="semi")
+        .unique("snapshot_row", keep="first", maintain_order=True)
+        .join(indexed.select("snapshot_row", *IDENTITY, "hash"), on="snapshot_row")
+    )
     candidates = pl.concat(
         [
             parsed.frame,
@@ -127,29 +140,18 @@ def diff_batch(
     batch, issues = screen(candidates, source, parsed.issues)
     protected = _protected_identities(issues)
 
-    found = batch.join(
+    found = streamed_join(
+        batch,
         indexed.select(*IDENTITY, "snapshot_row", pl.col("hash").alias("old_hash"), "guid"),
-        on=IDENTITY,
-        how="inner",
+        IDENTITY,
     )
     creates = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti").with_columns(
         op=pl.lit("create"), guid=pl.lit(None, pl.String)
     )
     changed = (pl.col("hash") != pl.col("old_hash")) | pl.lit(force)
     updates = found.filter(changed).with_columns(op=pl.lit("update"))
-    # Unchanged rows keep identity, hash and guid (no payload, no references): the plan needs
-    # the whole batch's identities, the next snapshot keeps the rest from the base.
-    unchanged = pl.concat(
-        [
-            found.filter(~changed).select(*IDENTITY, "hash", "guid", "raw_hash"),
-            recognised.select(*IDENTITY, "hash", "guid", "raw_hash"),
-        ],
-        how="vertical",
-    ).with_columns(
-        op=pl.lit("unchanged"),
-        entity=pl.lit(None, pl.String),
-        references=pl.lit(None, REFERENCES),
-    )
+    # Unchanged entities are counted, not listed: the next snapshot keeps them from the base.
+    unchanged = found.height - updates.height + recognised_rows.n_unique() - overlap.height
 
     deletions_withheld = None
     deletes = pl.DataFrame(schema=DIFF_SCHEMA)
@@ -161,13 +163,7 @@ def diff_batch(
                 " of them, so no deletion is inferred from this batch"
             )
         else:
-            present = pl.concat(
-                [
-                    recognised.get_column("snapshot_row"),
-                    overlap.get_column("snapshot_row"),
-                    found.get_column("snapshot_row"),
-                ]
-            )
+            present = pl.concat([recognised_rows, found.get_column("snapshot_row")])
             if protected:
                 present = pl.concat(
                     [
@@ -189,7 +185,6 @@ def diff_batch(
             pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal").select(
                 list(DIFF_SCHEMA)
             ),
-            unchanged.select(list(DIFF_SCHEMA)),
             deletes,
         ],
         how="vertical",
@@ -203,6 +198,7 @@ def diff_batch(
         snapshot_entities=snapshot.height,
         issues=issues,
         deletions_withheld=deletions_withheld,
+        unchanged=unchanged,
     )
 
 

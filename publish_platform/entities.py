@@ -119,7 +119,7 @@ def references_of(attributes: dict) -> list[dict[str, str]]:
     return refs
 
 
-BLOCK_BYTES = 32 * 1024 * 1024  # lines are scanned this many bytes at a time: memory stays flat
+BLOCK_BYTES = 8 * 1024 * 1024  # lines are scanned this many bytes at a time: memory stays flat
 
 
 class RawHasher:
@@ -146,16 +146,13 @@ class RawHasher:
         alternatives = "|".join(re.escape(name) for name in names)
         value = r'(?:"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)'
         self.names_pattern = rf'"(?:{alternatives})"\s*:' if names else None
-        self.cut_pattern = rf"{self.names_pattern}\s*{value}\s*,?" if names else None
+        # The line's end goes too, in the same pass: a line is the same however it ends.
+        self.cut_pattern = rf"{self.names_pattern}\s*{value}\s*,?|\r?\n\z" if names else r"\r?\n\z"
 
     def raw_hash(self, text: pl.Expr) -> pl.Expr:
         """The raw hash of each line of ``text`` (a String column); null where it has none."""
-        if self.cut_pattern is None or self.names_pattern is None:
-            blanked, named = text, pl.lit(0)
-        else:
-            blanked = text.str.replace_all(self.cut_pattern, "")
-            named = text.str.count_matches(self.names_pattern)
-        blanked = blanked.str.strip_chars_end("\r\n")  # the same line, however it ends
+        blanked = text.str.replace_all(self.cut_pattern, "")
+        named = text.str.count_matches(self.names_pattern) if self.names_pattern else pl.lit(0)
         first, second = (blanked.hash(seed).cast(pl.UInt128) for seed in self.seeds)
         return pl.when(named <= self.limit).then(first * 2**64 + second)
 
@@ -180,13 +177,48 @@ class RawHasher:
                 "data",
                 raw_hash=self.raw_hash(pl.col("text")),
             )
-            .collect()
+            .collect(engine="streaming")  # in morsels, on every core
         )
         return scanned, len(lines)
 
     def __call__(self, line: bytes) -> int | None:
         scanned, _ = self.scan(line, 1)
         return scanned.item(0, "raw_hash") if scanned.height else None
+
+
+class KnownLines:
+    """A snapshot's raw hashes, sorted once, to find each block's lines among them by binary
+    search: a hash join would walk every snapshot row again for every block of the batch."""
+
+    def __init__(self, raw_hashes: pl.DataFrame) -> None:
+        """``raw_hashes``: ``raw_hash`` (UInt128, nullable) and ``snapshot_row`` columns."""
+        known = raw_hashes.drop_nulls("raw_hash").sort("raw_hash")
+        high, low = _halves(known.get_column("raw_hash"))
+        self.high, self.low = high, low
+        self.rows = known.get_column("snapshot_row").cast(pl.Int64).to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def find(self, raw_hashes: pl.Series) -> np.ndarray:
+        """The snapshot row of each raw hash, or -1 where it is null or not known."""
+        high, low = _halves(raw_hashes.fill_null(0))
+        at = np.minimum(np.searchsorted(self.high, high), max(len(self.rows) - 1, 0))
+        if not len(self.rows):
+            return np.full(len(raw_hashes), -1, dtype=np.int64)
+        found = (
+            (self.high[at] == high) & (self.low[at] == low) & raw_hashes.is_not_null().to_numpy()
+        )
+        return np.where(found, self.rows[at], -1)
+
+
+def _halves(raw_hashes: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The high and low 64 bits of 128-bit raw hashes, as numpy arrays."""
+    halves = pl.DataFrame({"h": raw_hashes}).select(
+        high=pl.col("h").floordiv(2**64).cast(pl.UInt64),
+        low=(pl.col("h") % 2**64).cast(pl.UInt64),
+    )
+    return halves.get_column("high").to_numpy(), halves.get_column("low").to_numpy()
 
 
 def _utf8_or_none(line: bytes) -> str | None:
@@ -248,7 +280,7 @@ def parse_files(
     files: Iterable[tuple[str, bytes | Iterable[bytes]]],
     volatile: Iterable[str],
     max_line_bytes: int = MAX_LINE_BYTES,
-    known_raw: pl.DataFrame | None = None,
+    known_raw: KnownLines | None = None,
 ) -> ParsedEntities:
     """Parse JSON-lines files into one frame of valid entities; every bad line becomes an issue.
 
@@ -263,7 +295,7 @@ def parse_files(
     issues: list[EntityIssue] = []
     total = 0
     last_sync_ms: int | None = None
-    known = known_raw if known_raw is not None and known_raw.height else None
+    known = known_raw if known_raw is not None and len(known_raw) else None
     for source_file, content in files:
         first_line = 1
         for block in line_blocks(content):
@@ -272,14 +304,17 @@ def parse_files(
             del block
             total += scanned.height
             if known is not None:
-                # One join per block, on 128-bit integers: the block's side is hashed.
-                recognised = scanned.join(known, on="raw_hash", how="inner").sort("line")
+                matched = known.find(scanned.get_column("raw_hash"))
+                hit = pl.Series(matched >= 0)
                 unchanged.append(
-                    recognised.select(
-                        "raw_hash", "snapshot_row", pl.lit(source_file).alias("source_file"), "line"
+                    scanned.filter(hit).select(
+                        "raw_hash",
+                        snapshot_row=pl.Series(matched[matched >= 0], dtype=pl.UInt32),
+                        source_file=pl.lit(source_file),
+                        line="line",
                     )
                 )
-                scanned = scanned.join(recognised.select("line"), on="line", how="anti")
+                scanned = scanned.filter(~hit)
             for number, line, raw in scanned.iter_rows():
                 if line.endswith(b"\n"):
                     line = line[:-1]

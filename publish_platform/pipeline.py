@@ -277,11 +277,12 @@ def run_plan(
     diff = DiffResult(
         source=source,
         mode=summary.mode,
-        changes=changes,
+        changes=changes.filter(pl.col("op") != "unchanged"),  # listed by earlier versions
         lines=summary.lines,
         valid_entities=summary.valid_entities,
         snapshot_entities=snapshot.height,
         deletions_withheld=summary.deletions_withheld,
+        unchanged=summary.unchanged,
     )
     diff_isolated = summary.isolated
     plan = build_plan(

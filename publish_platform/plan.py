@@ -23,7 +23,14 @@ import orjson
 import polars as pl
 from pydantic import BaseModel, Field
 
-from publish_platform.diff import DIFF_SCHEMA, IDENTITY, TYPE_RANK, DiffResult, Mode
+from publish_platform.diff import (
+    DIFF_SCHEMA,
+    IDENTITY,
+    TYPE_RANK,
+    DiffResult,
+    Mode,
+    streamed_join,
+)
 
 PLAN_SCHEMA = {"seq": pl.Int64, **DIFF_SCHEMA}
 REQUIRED_ATTRIBUTES = ("qualifiedName", "name", "connectionQualifiedName")
@@ -143,7 +150,7 @@ def build_plan(
         updates=operations.filter(pl.col("op") == "update").height,
         deletes=deletes.height,
         unchanged=diff.count("unchanged"),
-        batch_entities=changes.filter(pl.col("op") != "delete").height,
+        batch_entities=changes.filter(pl.col("op") != "delete").height + diff.unchanged,
         snapshot_entities=diff.snapshot_entities,
         isolated=diff.isolated + isolated.height,
         isolated_by_plan=isolated.height,
@@ -210,7 +217,7 @@ def _known_identities(
     in_batch = targets.join(
         changes.filter(pl.col("op") != "delete").select(IDENTITY), on=IDENTITY, how="semi"
     )
-    in_snapshot = targets.join(snapshot.select(IDENTITY), on=IDENTITY, how="semi")
+    in_snapshot = streamed_join(targets, snapshot.select(IDENTITY), IDENTITY, "semi")
     return (
         pl.concat([in_batch, in_snapshot], how="vertical")
         .unique()
@@ -304,7 +311,7 @@ def _relationship_changes(
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """Edges added and removed by the plan, and how many (from, attribute) pairs re-point."""
     touched = operations.select(IDENTITY)
-    old = _references(snapshot.join(touched, on=IDENTITY, how="semi"))
+    old = _references(streamed_join(snapshot, touched, IDENTITY, "semi"))
     new = _references(operations.filter(pl.col("op") != "delete"))
     added = new.join(old, on=list(EDGE_SCHEMA), how="anti")
     removed = old.join(new, on=list(EDGE_SCHEMA), how="anti")

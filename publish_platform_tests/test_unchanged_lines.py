@@ -39,6 +39,7 @@ def summary(diff) -> dict:
         "ops": changes.select("op", "type_name", "qualified_name", "hash", "guid").rows(),
         "issues": sorted((i.reason, i.qualified_name or "") for i in diff.issues),
         "valid": diff.valid_entities,
+        "unchanged": diff.count("unchanged"),
     }
 
 
