@@ -232,11 +232,17 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
     from publish_platform.entities import parse_files
     from publish_platform.plan import build_plan
 
-    data = (folder / f"{version}.jsonl").read_bytes()
+    def pieces(path: Path, size: int = 8 << 20) -> Iterator[bytes]:
+        """The file in pieces, as an S3 body streams it: never held whole."""
+        with open(path, "rb") as data:
+            while piece := data.read(size):
+                yield piece
+
     parsed = parse_files(
-        [(f"{version}.jsonl", data)], DEFAULT_VOLATILE_ATTRIBUTES, known_raw=recognisable(snapshot)
+        [(f"{version}.jsonl", pieces(folder / f"{version}.jsonl"))],
+        DEFAULT_VOLATILE_ATTRIBUTES,
+        known_raw=recognisable(snapshot),
     )
-    del data
     diff = diff_batch(parsed, snapshot, SOURCE, "full")
     return build_plan(diff, PARTITION_KEY, 1, snapshot=snapshot)
 
