@@ -339,15 +339,19 @@ def _land(s3: Any, landing: Any, run: Any, source: str) -> None:
 
 def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
     """One discovery pass (what the landing sensor does per tick) over ``old_runs`` processed
-    run folders and ``new_runs`` new ones, against a moto server: seconds and S3 LIST calls."""
+    run folders and ``new_runs`` new ones, against a moto server: seconds and S3 LIST calls,
+    for a full listing and for a tick driven by the landing queue's notifications."""
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
+    import boto3
+
     from publish_platform.config import S3Location
-    from publish_platform.landing import RunRef, discover
+    from publish_platform.landing import RunRef, acknowledge, discover, receive_landing_events
     from publish_platform.local_s3 import (
         LOCAL_CREDENTIALS,
         free_port,
+        notify_landing_queue,
         s3_client,
         start_moto_server,
     )
@@ -363,6 +367,7 @@ def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda run: _land(s3, landing, run, SOURCE), old))
         known = {run.partition_key for run in old}
+        queue_url = notify_landing_queue(s3, landing.bucket, "bench-landing-events")
         new = [RunRef("postgres", "wf-new", str(uuid.uuid4())) for _ in range(new_runs)]
         for run in new:
             _land(s3, landing, run, SOURCE)
@@ -373,17 +378,30 @@ def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
 
         s3.meta.events.register("before-call.s3.ListObjectsV2", count)
         started = time.perf_counter()
-        found = discover(s3, landing, known, settle_seconds=0)
-        seconds = time.perf_counter() - started
+        listed = discover(s3, landing, known, settle_seconds=0)
+        listing_s = time.perf_counter() - started
+        listing_calls, calls["ListObjectsV2"] = calls["ListObjectsV2"], 0
+
+        sqs = boto3.client("sqs", endpoint_url=f"http://127.0.0.1:{port}")
+        started = time.perf_counter()
+        events = receive_landing_events(sqs, queue_url, landing)
+        notified = discover(s3, landing, known, 0, runs=list(events.runs.values()))
+        acknowledge(sqs, queue_url, events.receipts)
+        events_s = time.perf_counter() - started
     finally:
         server.terminate()
         server.wait(timeout=30)
     return {
-        "seconds": seconds,
+        "seconds": listing_s,
         "old_runs": old_runs,
-        "new_runs": len(found.ready),
-        "list_calls": calls["ListObjectsV2"],
-        "deep_listings": found.deep_listings,
+        "new_runs": len(listed.ready),
+        "list_calls": listing_calls,
+        "deep_listings": listed.deep_listings,
+        "events_seconds": events_s,
+        "events_new_runs": len(notified.ready),
+        "events_list_calls": calls["ListObjectsV2"],
+        "events_sqs_receive_calls": events.receive_calls,
+        "events_messages": len(events.receipts),
     }
 
 

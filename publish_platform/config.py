@@ -99,6 +99,18 @@ class Settings(BaseSettings):
         " within the 20-50 Atlan advises; SQL catalog: 500).",
     )
     sensor_interval_seconds: int = Field(default=15, ge=1)
+    landing_queue_url: str | None = Field(
+        default=None,
+        description="SQS queue that receives the landing bucket's ObjectCreated notifications:"
+        " the sensor then lists only run folders named in new events (cost grows with what is"
+        " new, not with the history), plus a full listing every landing_full_scan_minutes.",
+    )
+    landing_full_scan_minutes: float = Field(
+        default=60.0,
+        gt=0,
+        description="With a landing queue: how often the sensor still lists every run folder,"
+        " in case a notification was lost.",
+    )
     purge_deletes: bool = Field(default=False, description="Purge instead of archive on delete.")
     # Atlan (PUBLISH_PLATFORM_METASTORE=atlan). Where and who: pyatlan's own ATLAN_BASE_URL and
     # ATLAN_API_KEY, read by pyatlan from the environment and never by this platform.

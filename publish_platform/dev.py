@@ -29,6 +29,7 @@ from publish_platform.local_atlas import LocalAtlas
 from publish_platform.local_s3 import (
     LOCAL_CREDENTIALS,
     ensure_bucket,
+    notify_landing_queue,
     s3_client,
     start_moto_server,
     upload_tree,
@@ -82,8 +83,14 @@ def run_dev(
             s3 = s3_client()
             ensure_bucket(s3, settings.landing_location.bucket)
             ensure_bucket(s3, settings.state_location.bucket)
+            if not settings.landing_queue_url:  # the sensor follows the bucket's notifications
+                queue_url = notify_landing_queue(
+                    s3, settings.landing_location.bucket, "publish-landing-events"
+                )
+                env["PUBLISH_PLATFORM_LANDING_QUEUE_URL"] = queue_url
+                os.environ["PUBLISH_PLATFORM_LANDING_QUEUE_URL"] = queue_url
             print(f"S3 API (moto)   {env['AWS_ENDPOINT_URL']}")
-            print(f"landing         {settings.landing_location}")
+            print(f"landing         {settings.landing_location}  (events: SQS, same endpoint)")
             print(f"state           {settings.state_location}")
             print(f"metastore       {settings.metastore_display}")
             print(f"DAGSTER_HOME    {dagster_home}")

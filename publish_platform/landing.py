@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -215,6 +217,72 @@ def list_run(s3: Any, landing: S3Location, run: RunRef) -> RunListing:
     return RunListing(run=run, prefix=prefix, objects=objects)
 
 
+def run_of_key(landing: S3Location, key: str) -> RunRef | InvalidRunFolder | None:
+    """The run folder an object key lies in (None: not under the landing's run folders)."""
+    root = landing.key(RUNS_ROOT)
+    if not key.startswith(root):
+        return None
+    parts = key[len(root) :].split("/")
+    if len(parts) < 5 or parts[1] != "workflows":
+        return None
+    try:
+        return RunRef.from_partition_key(f"{parts[0]}/{parts[2]}/{parts[3]}")
+    except InvalidRunFolder as exc:
+        return exc
+
+
+@dataclass
+class LandingEvents:
+    """Run folders named by S3 notifications received from the landing queue."""
+
+    runs: dict[str, RunRef | InvalidRunFolder] = field(default_factory=dict)
+    receipts: list[str] = field(default_factory=list)
+    receive_calls: int = 0
+
+
+def receive_landing_events(
+    sqs: Any, queue_url: str, landing: S3Location, max_messages: int = 5000
+) -> LandingEvents:
+    """Drain the landing queue (up to ``max_messages``): every ObjectCreated event names a key,
+    hence a run folder. Messages are deleted by ``acknowledge`` once the tick used them; if the
+    tick fails first they come back, and a lost one is caught by the periodic full listing."""
+    events = LandingEvents()
+    while len(events.receipts) < max_messages:
+        answer = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=300
+        )
+        events.receive_calls += 1
+        messages = answer.get("Messages", [])
+        if not messages:
+            break
+        for message in messages:
+            events.receipts.append(message["ReceiptHandle"])
+            try:
+                records = json.loads(message["Body"]).get("Records", [])
+            except (ValueError, AttributeError):
+                continue  # not an S3 notification (s3:TestEvent has no Records either)
+            for record in records:
+                key = unquote_plus(record.get("s3", {}).get("object", {}).get("key", ""))
+                if record.get("s3", {}).get("bucket", {}).get("name") != landing.bucket:
+                    continue
+                run = run_of_key(landing, key)
+                if isinstance(run, RunRef):
+                    events.runs[run.partition_key] = run
+                elif run is not None:
+                    events.runs[str(run)] = run
+    return events
+
+
+def acknowledge(sqs: Any, queue_url: str, receipts: list[str]) -> None:
+    """Delete handled messages, ten per call (SQS's batch limit)."""
+    for start in range(0, len(receipts), 10):
+        batch = receipts[start : start + 10]
+        sqs.delete_message_batch(
+            QueueUrl=queue_url,
+            Entries=[{"Id": str(n), "ReceiptHandle": handle} for n, handle in enumerate(batch)],
+        )
+
+
 def read_object(s3: Any, bucket: str, key: str) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
@@ -385,15 +453,17 @@ def discover(
     known: set[str],
     settle_seconds: float,
     now: datetime | None = None,
+    runs: Iterable[RunRef | InvalidRunFolder] | None = None,
 ) -> Discovery:
     """Find run folders that are not yet partitions and are ready; oldest first.
 
-    Only folders not in ``known`` are listed in depth, so the cost of a pass grows with what is
-    new, plus one shallow LIST call per thousand run folders of history.
+    ``runs``: the run folders to look at (named by landing events); by default every one under
+    the landing prefix. Only folders not in ``known`` are listed in depth, so a full pass costs
+    what is new plus one shallow LIST call per thousand run folders of history.
     """
     now = now or utcnow()
     found = Discovery()
-    for ref in iter_run_folders(s3, landing):
+    for ref in iter_run_folders(s3, landing) if runs is None else runs:
         if isinstance(ref, InvalidRunFolder):
             found.rejected.append(str(ref))
             continue

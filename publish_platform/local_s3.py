@@ -66,6 +66,26 @@ def ensure_bucket(s3: Any, bucket: str) -> None:
         s3.create_bucket(Bucket=bucket)
 
 
+def notify_landing_queue(s3: Any, bucket: str, queue_name: str) -> str:
+    """An SQS queue receiving the bucket's ObjectCreated notifications (what a production
+    bucket has configured for the landing sensor); returns its URL."""
+    sqs = boto3.client("sqs", endpoint_url=s3.meta.endpoint_url)
+    queue_url = sqs.create_queue(QueueName=queue_name)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {
+                    "QueueArn": arn["Attributes"]["QueueArn"],
+                    "Events": ["s3:ObjectCreated:*"],
+                }
+            ]
+        },
+    )
+    return queue_url
+
+
 def landing_order(key: str) -> tuple[int, str]:
     """Data files first, then their ``.sha256`` sidecars, the manifest last: the order the
     Application SDK writes them, so a watching sensor never sees a half-landed run as ready."""

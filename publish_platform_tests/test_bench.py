@@ -41,3 +41,5 @@ def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: 
     tick = result["sensor_tick"]
     assert tick["old_runs"] == 60 and tick["new_runs"] == 10 and tick["deep_listings"] == 10
     assert tick["list_calls"] > 0 and tick["seconds"] > 0
+    # Driven by notifications: one deep listing per new run folder, nothing for the history.
+    assert tick["events_new_runs"] == 10 and tick["events_list_calls"] == 10

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 
+import boto3
 from dagster import SensorResult, build_sensor_context, instance_for_test
 
 from publish_platform.config import Settings
 from publish_platform.defs import defs
 from publish_platform.landing import RunRef
+from publish_platform.local_s3 import notify_landing_queue
 from publish_platform_tests.support import UPSTREAM_REF, land, manifest_for, upstream_files
 
 
@@ -53,3 +56,42 @@ def test_each_ready_run_becomes_one_partition_and_one_run_exactly_once(
             UPSTREAM_REF.partition_key,
         }
         assert not _tick(instance, third.cursor).run_requests
+
+
+def test_with_a_landing_queue_a_tick_looks_only_at_runs_named_by_events(
+    s3, settings: Settings, monkeypatch
+) -> None:
+    """ObjectCreated notifications name the new run folders, so a tick lists those (and the
+    ones still settling) instead of the whole history; a folder whose notification never came
+    is found by the periodic full listing."""
+    landing = settings.landing_location
+    runs = [RunRef("postgres", "wf", f"{n:08d}-0000-4000-8000-000000000000") for n in range(5)]
+    land(s3, landing, runs[0], upstream_files(), manifest_for(runs[0]))  # before the queue
+    queue_url = notify_landing_queue(s3, landing.bucket, f"landing-{uuid.uuid4().hex}")
+    monkeypatch.setenv("PUBLISH_PLATFORM_LANDING_QUEUE_URL", queue_url)
+    monkeypatch.setenv("PUBLISH_PLATFORM_SETTLE_SECONDS", "3600")
+
+    with instance_for_test() as instance:
+        first = _tick(instance)  # no full listing yet: one now
+        assert [r.partition_key for r in first.run_requests] == [runs[0].partition_key]
+
+        sqs = boto3.client("sqs", endpoint_url=s3.meta.endpoint_url)
+        land(s3, landing, runs[3], upstream_files(), manifest_for(runs[3]))
+        sqs.purge_queue(QueueUrl=queue_url)  # its notifications are lost
+        land(s3, landing, runs[1], upstream_files(), manifest_for(runs[1]))
+        land(s3, landing, runs[2], upstream_files())  # no manifest: settles for an hour
+        second = _tick(instance, first.cursor)
+        assert [r.partition_key for r in second.run_requests] == [runs[1].partition_key]
+        assert json.loads(second.cursor)["waiting_keys"] == [runs[2].partition_key]
+
+        monkeypatch.setenv("PUBLISH_PLATFORM_SETTLE_SECONDS", "0")
+        third = _tick(instance, second.cursor)  # no new event: the settling folder is re-checked
+        assert [r.partition_key for r in third.run_requests] == [runs[2].partition_key]
+
+        monkeypatch.setenv("PUBLISH_PLATFORM_LANDING_FULL_SCAN_MINUTES", "0.0001")
+        fourth = _tick(instance, third.cursor)  # the periodic full listing
+        assert [r.partition_key for r in fourth.run_requests] == [runs[3].partition_key]
+        left = sqs.get_queue_attributes(
+            QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+        )
+        assert left["Attributes"]["ApproximateNumberOfMessages"] == "0"  # all acknowledged

@@ -1,8 +1,10 @@
 """The landing sensor: one dynamic partition and one run per ready workflow run."""
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import boto3
 from dagster import (
     DefaultSensorStatus,
     RunRequest,
@@ -13,14 +15,23 @@ from dagster import (
 )
 from dagster_aws.s3 import S3Resource
 
-from publish_platform.config import load_settings
+from publish_platform.config import Settings, load_settings
 from publish_platform.defs.jobs import publish_batch
 from publish_platform.defs.partitions import workflow_runs
 from publish_platform.defs.resources import PlatformResource
-from publish_platform.landing import RunListing, discover
+from publish_platform.landing import (
+    InvalidRunFolder,
+    LandingEvents,
+    RunListing,
+    RunRef,
+    acknowledge,
+    discover,
+    receive_landing_events,
+)
 from publish_platform.ordering import cached_profile
 
 MAX_REJECTED_REMEMBERED = 1000
+MAX_WAITING_REMEMBERED = 10_000
 
 
 def run_request_for(listing: RunListing) -> RunRequest:
@@ -41,6 +52,31 @@ def _data_age_key(listing: RunListing) -> tuple[datetime, str]:
     )
 
 
+def _runs_named_by_events(
+    settings: Settings, cursor: dict[str, Any], now: datetime
+) -> tuple[list[RunRef | InvalidRunFolder] | None, LandingEvents | None, str | None]:
+    """With a landing queue: the run folders named by new events, plus those still settling
+    since earlier ticks (no event says when a settle period ends). None instead when a full
+    listing is due (never done, or older than landing_full_scan_minutes), which also catches
+    any lost notification. Without a queue, every tick is a full listing."""
+    full_scan_at = cursor.get("full_scan_at")
+    if not settings.landing_queue_url:
+        return None, None, now.isoformat()
+    events = receive_landing_events(
+        boto3.client("sqs"), settings.landing_queue_url, settings.landing_location
+    )
+    due = full_scan_at is None or now - datetime.fromisoformat(full_scan_at) >= timedelta(
+        minutes=settings.landing_full_scan_minutes
+    )
+    if due:
+        return None, events, now.isoformat()
+    runs: dict[str, RunRef | InvalidRunFolder] = {
+        key: RunRef.from_partition_key(key) for key in cursor.get("waiting_keys", [])
+    }
+    runs.update(events.runs)
+    return list(runs.values()), events, full_scan_at
+
+
 @sensor(
     job=publish_batch,
     minimum_interval_seconds=load_settings().sensor_interval_seconds,
@@ -56,7 +92,16 @@ def landing_sensor(
     cursor = json.loads(context.cursor) if context.cursor else {}
     rejected_before = set(cursor.get("rejected", []))
     known = set(context.instance.get_dynamic_partitions(workflow_runs.name))
-    found = discover(s3.get_client(), settings.landing_location, known, settings.settle_seconds)
+    now = datetime.now(UTC)
+    runs, events, full_scan_at = _runs_named_by_events(settings, cursor, now)
+    found = discover(
+        s3.get_client(),
+        settings.landing_location,
+        known,
+        settings.settle_seconds,
+        now=now,
+        runs=runs,
+    )
     for reason in found.rejected:
         if reason not in rejected_before:
             context.log.error(f"run folder ignored: {reason}")
@@ -64,11 +109,18 @@ def landing_sensor(
         context.log.debug(f"{key} not ready: {reason}")
     new_cursor = json.dumps(
         {
-            "rejected": sorted(set(found.rejected))[-MAX_REJECTED_REMEMBERED:],
+            # A full listing sees every unusable folder; events only the new ones.
+            "rejected": sorted(
+                set(found.rejected) if runs is None else rejected_before | set(found.rejected)
+            )[-MAX_REJECTED_REMEMBERED:],
             "waiting": len(found.waiting),
+            "waiting_keys": sorted(found.waiting)[:MAX_WAITING_REMEMBERED],
             "known": len(known),
+            "full_scan_at": full_scan_at,
         }
     )
+    if events is not None and settings.landing_queue_url:
+        acknowledge(boto3.client("sqs"), settings.landing_queue_url, events.receipts)
     if not found.ready:
         return SensorResult(
             skip_reason=f"no new ready run ({len(found.waiting)} settling, {len(known)} known)",
