@@ -214,3 +214,19 @@ def catalog_identities(catalog: Any, source: str = SOURCE) -> set[tuple[str, str
     dumped = [identity(e) for e in catalog.dump(source)]
     assert len(dumped) == len(set(dumped)), "duplicate identity in the catalog"
     return set(dumped)
+
+
+def sensor_tick(instance: Any, cursor: str | None = None) -> Any:
+    """One evaluation of the landing sensor, as the daemon runs it (its ``SensorResult``); the
+    partitions it asks for are added to ``instance``, as the daemon would."""
+    from dagster import SensorResult, build_sensor_context
+
+    from publish_platform.defs import defs
+
+    sensor = defs.get_sensor_def("landing_sensor")
+    context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
+    result = sensor(context)
+    assert isinstance(result, SensorResult)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+    return result

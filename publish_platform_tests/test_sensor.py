@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 
-from dagster import SensorResult, build_sensor_context, instance_for_test
+from dagster import instance_for_test
 
 from publish_platform.config import Settings
-from publish_platform.defs import defs
 from publish_platform.landing import RunRef
-from publish_platform_tests.support import UPSTREAM_REF, land, manifest_for, upstream_files
-
-
-def _tick(instance, cursor: str | None = None) -> SensorResult:
-    sensor = defs.get_sensor_def("landing_sensor")
-    context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
-    result = sensor(context)
-    assert isinstance(result, SensorResult)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
-    return result
+from publish_platform_tests.support import (
+    UPSTREAM_REF,
+    land,
+    manifest_for,
+    sensor_tick,
+    upstream_files,
+)
 
 
 def test_each_ready_run_becomes_one_partition_and_one_run_exactly_once(
@@ -35,21 +30,21 @@ def test_each_ready_run_becomes_one_partition_and_one_run_exactly_once(
     )
 
     with instance_for_test() as instance:
-        first = _tick(instance)
+        first = sensor_tick(instance)
         assert [r.partition_key for r in first.run_requests] == [with_manifest.partition_key]
         assert first.run_requests[0].run_key == with_manifest.partition_key
         assert first.dynamic_partitions_requests[0].partition_keys == [with_manifest.partition_key]
         cursor = json.loads(first.cursor)
         assert cursor["waiting"] == 1 and len(cursor["rejected"]) == 1
 
-        second = _tick(instance, first.cursor)
+        second = sensor_tick(instance, first.cursor)
         assert not second.run_requests  # picked up exactly once
 
         monkeypatch.setenv("PUBLISH_PLATFORM_SETTLE_SECONDS", "0")
-        third = _tick(instance, second.cursor)
+        third = sensor_tick(instance, second.cursor)
         assert [r.partition_key for r in third.run_requests] == [UPSTREAM_REF.partition_key]
         assert set(instance.get_dynamic_partitions("workflow_runs")) == {
             with_manifest.partition_key,
             UPSTREAM_REF.partition_key,
         }
-        assert not _tick(instance, third.cursor).run_requests
+        assert not sensor_tick(instance, third.cursor).run_requests
