@@ -39,9 +39,13 @@ class InvalidRunFolder(ValueError):
 def unsafe_path(relative: str) -> str | None:
     """Why a path relative to a run folder is unsafe (absolute, or a '.', '..' or empty
     segment), or None. S3 keys are opaque, but whatever resolves such a path (a sync to disk,
-    a console) puts it elsewhere than where it is listed; the SDK never writes one."""
+    a console) puts it elsewhere than where it is listed; the SDK never writes one. A folder
+    marker (a key ending in '/', as S3 consoles create) is fine."""
     if relative.startswith("/"):
         return "absolute path"
+    relative = relative.removesuffix("/")
+    if not relative:
+        return None
     for segment in relative.split("/"):
         if segment in ("", ".", ".."):
             return f"path segment {segment!r}" if segment else "empty path segment"

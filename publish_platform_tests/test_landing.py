@@ -426,6 +426,8 @@ def test_discover_respects_landing_prefix(s3, settings):
     [
         ("transformed/table/entities.json", None),
         ("transformed/t/chunk-0-part1.json.sha256", None),
+        ("transformed/", None),  # folder markers, as S3 consoles create them
+        ("", None),
         ("/etc/passwd", "absolute path"),
         ("transformed/../x.json", "path segment '..'"),
         ("transformed/./x.json", "path segment '.'"),
