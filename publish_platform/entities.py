@@ -23,6 +23,9 @@ import polars as pl
 import pyarrow as pa
 
 MAX_LINE_BYTES = 10 * 1024 * 1024
+# Deepest nesting an entity may have: orjson serializes (canonical JSON, the content hash) no
+# deeper than this, and parses no deeper than 1024. Deeper lines are isolated, never a crash.
+MAX_DEPTH = 254
 
 # Reference attributes of an entity: which attribute points at which (typeName, qualifiedName).
 REFERENCES = pl.List(
@@ -324,14 +327,20 @@ def parse_files(
                     continue
                 assert entity is not None
                 attributes = entity["attributes"]
+                try:
+                    digest = content_hash(entity, volatile_set)
+                    canonical = canonical_json(entity).decode()
+                except orjson.JSONEncodeError as exc:  # parsed, but nested deeper than MAX_DEPTH
+                    issues.append(_too_deep(source_file, number, exc, entity))
+                    continue
                 synced = attributes.get("lastSyncRunAt")
                 if isinstance(synced, int) and (last_sync_ms is None or synced > last_sync_ms):
                     last_sync_ms = synced
                 rows["type_name"].append(entity["typeName"])
                 rows["qualified_name"].append(attributes["qualifiedName"])
                 rows["connection_qualified_name"].append(attributes["connectionQualifiedName"])
-                rows["hash"].append(content_hash(entity, volatile_set))
-                rows["entity"].append(canonical_json(entity).decode())
+                rows["hash"].append(digest)
+                rows["entity"].append(canonical)
                 rows["references"].append(references_of(attributes))
                 rows["source_file"].append(source_file)
                 rows["line"].append(number)
@@ -366,6 +375,8 @@ def _parse_line(
     try:
         entity = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            return None, _too_deep(source_file, number, exc)
         return issue("malformed_json", f"not valid JSON (or not UTF-8): {exc}")
     if not isinstance(entity, dict):
         return issue("malformed_json", f"expected a JSON object, got {type(entity).__name__}")
@@ -384,3 +395,17 @@ def _parse_line(
             "missing_connection", "entity has no attributes.connectionQualifiedName", entity
         )
     return entity, None
+
+
+def _too_deep(
+    source_file: str, number: int, exc: Exception, entity: dict | None = None
+) -> EntityIssue:
+    """A line nested deeper than MAX_DEPTH (with its identity once parsed)."""
+    return EntityIssue(
+        source_file,
+        number,
+        "too_deeply_nested",
+        f"JSON nested deeper than {MAX_DEPTH} levels ({exc})",
+        entity["typeName"] if entity else None,
+        entity["attributes"]["qualifiedName"] if entity else None,
+    )

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import unquote_plus
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from publish_platform.config import S3Location
 
@@ -39,6 +39,22 @@ class InvalidRunFolder(ValueError):
     """A run folder whose path cannot be a batch (unsafe or malformed segments)."""
 
 
+def unsafe_path(relative: str) -> str | None:
+    """Why a path relative to a run folder is unsafe (absolute, or a '.', '..' or empty
+    segment), or None. S3 keys are opaque, but whatever resolves such a path (a sync to disk,
+    a console) puts it elsewhere than where it is listed; the SDK never writes one. A folder
+    marker (a key ending in '/', as S3 consoles create) is fine."""
+    if relative.startswith("/"):
+        return "absolute path"
+    relative = relative.removesuffix("/")
+    if not relative:
+        return None
+    for segment in relative.split("/"):
+        if segment in ("", ".", ".."):
+            return f"path segment {segment!r}" if segment else "empty path segment"
+    return None
+
+
 class ManifestFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +63,14 @@ class ManifestFile(BaseModel):
     )
     records: int | None = Field(default=None, ge=0)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_run_folder(cls, path: str) -> str:
+        problem = unsafe_path(path)
+        if problem:
+            raise ValueError(f"must be a relative path inside the run folder ({problem})")
+        return path
 
 
 class PriorityHints(BaseModel):
@@ -303,6 +327,7 @@ class BatchProblem:
         "checksum_mismatch",
         "count_mismatch",
         "no_data",
+        "unsafe_key",
         "skipped",
         "superseded",
     ]
@@ -341,6 +366,11 @@ def read_batch(s3: Any, landing: S3Location, run: RunRef) -> LandedBatch:
     """
     listing = list_run(s3, landing, run)
     problems: list[BatchProblem] = []
+    for obj in listing.objects:
+        relative = obj.key[len(listing.prefix) :]
+        unsafe = unsafe_path(relative)
+        if unsafe is not None:
+            problems.append(BatchProblem("unsafe_key", f"object key {relative!r}: {unsafe}"))
     manifest: PublishRequest | None = None
     if listing.manifest is not None:
         raw = read_object(s3, landing.bucket, listing.manifest.key)

@@ -214,3 +214,51 @@ def catalog_identities(catalog: Any, source: str = SOURCE) -> set[tuple[str, str
     dumped = [identity(e) for e in catalog.dump(source)]
     assert len(dumped) == len(set(dumped)), "duplicate identity in the catalog"
     return set(dumped)
+
+
+def sensor_tick(instance: Any, cursor: str | None = None) -> Any:
+    """One evaluation of the landing sensor, as the daemon runs it (its ``SensorResult``); the
+    partitions it asks for are added to ``instance``, as the daemon would."""
+    from dagster import SensorResult, build_sensor_context
+
+    from publish_platform.defs import defs
+
+    sensor = defs.get_sensor_def("landing_sensor")
+    context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
+    result = sensor(context)
+    assert isinstance(result, SensorResult)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+    return result
+
+
+def bucket_objects(s3: Any, bucket: str) -> dict[str, bytes]:
+    """Every object of a bucket: key -> content."""
+    objects = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            objects[item["Key"]] = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return objects
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    """Every file below a folder: ``"file <relative path>"`` -> content."""
+    return {
+        f"file {path.relative_to(folder)}": path.read_bytes()
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+
+
+def planted_secrets_in(secrets: dict[str, str], places: dict[str, bytes]) -> list[str]:
+    """Which planted secret appears where: ``"<secret> in <place>"`` for every hit (a secret is
+    looked for as is and percent-encoded, as it would appear in a URL)."""
+    from urllib.parse import quote
+
+    found = []
+    for name, value in secrets.items():
+        forms = {value.encode(), quote(value, safe="").encode()}
+        found += [
+            f"{name} in {place}" for place, data in places.items() if any(f in data for f in forms)
+        ]
+    return found

@@ -9,7 +9,13 @@ import sys
 import orjson
 import pytest
 
-from publish_platform.entities import canonical_json, content_hash, parse_files, references_of
+from publish_platform.entities import (
+    MAX_DEPTH,
+    canonical_json,
+    content_hash,
+    parse_files,
+    references_of,
+)
 
 from .support import SEED_SAMPLE, SOURCE, VOLATILE, entity, jsonl, upstream_data, upstream_entities
 
@@ -157,6 +163,31 @@ def test_bad_lines_become_issues_with_reasons_and_line_numbers():
     assert by_line[5].type_name == "Table" and by_line[5].qualified_name is None
     assert by_line[4].qualified_name == f"{SOURCE}/x" and by_line[4].type_name is None
     assert by_line[2].as_dict()["reason"] == "malformed_json"
+
+
+def nested_line(levels: int) -> bytes:
+    """An entity nesting ``levels`` objects in one attribute, written as text."""
+    line = orjson.dumps(entity("Table", "db/s/deep")).decode()
+    nested = '{"a":' * levels + "1" + "}" * levels
+    return line.replace('"customAttributes":{}', f'"customAttributes":{nested}').encode()
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH - 1, MAX_DEPTH, 1000, 10_000])
+def test_deep_nesting_is_isolated_never_a_crash(levels):
+    """orjson parses 1024 levels but serializes only 254: a line between the two used to crash
+    the whole diff (TypeError: Recursion limit reached) instead of being isolated."""
+    depth = levels + 1  # with the entity around them
+    parsed = parse_files([("f.json", nested_line(levels) + b"\n")], VOLATILE)
+    if depth <= MAX_DEPTH:
+        assert parsed.issues == [] and parsed.frame.height == 1
+        return
+    (issue,) = parsed.issues
+    assert parsed.frame.height == 0
+    assert (issue.line, issue.reason) == (1, "too_deeply_nested")
+    assert f"JSON nested deeper than {MAX_DEPTH} levels" in issue.message
+    # Parsed (up to 1024 levels), it keeps its identity: its absence is not a deletion.
+    identified = ("Table", f"{SOURCE}/db/s/deep") if depth <= 1024 else (None, None)
+    assert (issue.type_name, issue.qualified_name) == identified
 
 
 def test_crlf_line_endings_parse():

@@ -16,6 +16,7 @@ from publish_platform.landing import (
     is_data_file,
     list_run,
     read_batch,
+    unsafe_path,
 )
 from publish_platform.state import StateStore
 
@@ -418,3 +419,40 @@ def test_discover_respects_landing_prefix(s3, settings):
     found = discover(s3, prefix, known=set(), settle_seconds=0)
     assert [listing.run for listing in found.ready] == [UPSTREAM_REF]
     assert read_batch(s3, prefix, UPSTREAM_REF).publishable
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("transformed/table/entities.json", None),
+        ("transformed/t/chunk-0-part1.json.sha256", None),
+        ("transformed/", None),  # folder markers, as S3 consoles create them
+        ("", None),
+        ("/etc/passwd", "absolute path"),
+        ("transformed/../x.json", "path segment '..'"),
+        ("transformed/./x.json", "path segment '.'"),
+        ("transformed//x.json", "empty path segment"),
+        ("..", "path segment '..'"),
+    ],
+)
+def test_unsafe_paths_in_a_run_folder(path, problem):
+    assert unsafe_path(path) == problem
+
+
+def test_a_key_with_dotdot_or_an_unsafe_manifest_path_quarantines_the_batch(s3, settings):
+    """The key would be data as listed (transformed/…/*.json) but lies outside transformed/
+    once resolved: nothing of such a batch is read as data."""
+    landing = settings.landing_location
+    files = {**upstream_files(), "transformed/../evil.json": jsonl([entity("Table", "db/s/x")])}
+    land(s3, landing, UPSTREAM_REF, files)
+    batch = read_batch(s3, landing, UPSTREAM_REF)
+    assert kinds(batch) == ["unsafe_key"]
+    assert "'transformed/../evil.json': path segment '..'" in batch.problems[0].message
+
+    listed = [{"path": "/abs/entities.json", "records": 1}]
+    land(s3, landing, UPSTREAM_REF, {}, manifest=manifest_for(UPSTREAM_REF, files=listed))
+    batch = read_batch(s3, landing, UPSTREAM_REF)
+    assert "rejected_manifest" in kinds(batch)
+    assert "must be a relative path inside the run folder (absolute path)" in " ".join(
+        p.message for p in batch.problems
+    )

@@ -6,23 +6,18 @@ import json
 import uuid
 
 import boto3
-from dagster import SensorResult, build_sensor_context, instance_for_test
+from dagster import instance_for_test
 
 from publish_platform.config import Settings
-from publish_platform.defs import defs
 from publish_platform.landing import RunRef
 from publish_platform.local_s3 import notify_landing_queue
-from publish_platform_tests.support import UPSTREAM_REF, land, manifest_for, upstream_files
-
-
-def _tick(instance, cursor: str | None = None) -> SensorResult:
-    sensor = defs.get_sensor_def("landing_sensor")
-    context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
-    result = sensor(context)
-    assert isinstance(result, SensorResult)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
-    return result
+from publish_platform_tests.support import (
+    UPSTREAM_REF,
+    land,
+    manifest_for,
+    sensor_tick,
+    upstream_files,
+)
 
 
 def test_each_ready_run_becomes_one_partition_and_one_run_exactly_once(
@@ -38,24 +33,24 @@ def test_each_ready_run_becomes_one_partition_and_one_run_exactly_once(
     )
 
     with instance_for_test() as instance:
-        first = _tick(instance)
+        first = sensor_tick(instance)
         assert [r.partition_key for r in first.run_requests] == [with_manifest.partition_key]
         assert first.run_requests[0].run_key == with_manifest.partition_key
         assert first.dynamic_partitions_requests[0].partition_keys == [with_manifest.partition_key]
         cursor = json.loads(first.cursor)
         assert cursor["waiting"] == 1 and len(cursor["rejected"]) == 1
 
-        second = _tick(instance, first.cursor)
+        second = sensor_tick(instance, first.cursor)
         assert not second.run_requests  # picked up exactly once
 
         monkeypatch.setenv("PUBLISH_PLATFORM_SETTLE_SECONDS", "0")
-        third = _tick(instance, second.cursor)
+        third = sensor_tick(instance, second.cursor)
         assert [r.partition_key for r in third.run_requests] == [UPSTREAM_REF.partition_key]
         assert set(instance.get_dynamic_partitions("workflow_runs")) == {
             with_manifest.partition_key,
             UPSTREAM_REF.partition_key,
         }
-        assert not _tick(instance, third.cursor).run_requests
+        assert not sensor_tick(instance, third.cursor).run_requests
 
 
 def test_with_a_landing_queue_a_tick_looks_only_at_runs_named_by_events(
@@ -72,7 +67,7 @@ def test_with_a_landing_queue_a_tick_looks_only_at_runs_named_by_events(
     monkeypatch.setenv("PUBLISH_PLATFORM_SETTLE_SECONDS", "3600")
 
     with instance_for_test() as instance:
-        first = _tick(instance)  # no full listing yet: one now
+        first = sensor_tick(instance)  # no full listing yet: one now
         assert [r.partition_key for r in first.run_requests] == [runs[0].partition_key]
 
         sqs = boto3.client("sqs", endpoint_url=s3.meta.endpoint_url)
@@ -80,16 +75,18 @@ def test_with_a_landing_queue_a_tick_looks_only_at_runs_named_by_events(
         sqs.purge_queue(QueueUrl=queue_url)  # its notifications are lost
         land(s3, landing, runs[1], upstream_files(), manifest_for(runs[1]))
         land(s3, landing, runs[2], upstream_files())  # no manifest: settles for an hour
-        second = _tick(instance, first.cursor)
+        second = sensor_tick(instance, first.cursor)
         assert [r.partition_key for r in second.run_requests] == [runs[1].partition_key]
         assert json.loads(second.cursor)["waiting_keys"] == [runs[2].partition_key]
 
         monkeypatch.setenv("PUBLISH_PLATFORM_SETTLE_SECONDS", "0")
-        third = _tick(instance, second.cursor)  # no new event: the settling folder is re-checked
+        third = sensor_tick(
+            instance, second.cursor
+        )  # no new event: the settling folder is re-checked
         assert [r.partition_key for r in third.run_requests] == [runs[2].partition_key]
 
         monkeypatch.setenv("PUBLISH_PLATFORM_LANDING_FULL_SCAN_MINUTES", "0.0001")
-        fourth = _tick(instance, third.cursor)  # the periodic full listing
+        fourth = sensor_tick(instance, third.cursor)  # the periodic full listing
         assert [r.partition_key for r in fourth.run_requests] == [runs[3].partition_key]
         left = sqs.get_queue_attributes(
             QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"]

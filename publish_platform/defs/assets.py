@@ -31,6 +31,7 @@ from publish_platform.plan import Approval, preview
 from publish_platform.retries import delayed_wait, retry_tiers
 
 GROUP = "publish"
+ISOLATED_PREVIEW = 20  # isolated entities shown in the plan's log and metadata
 TIERS = retry_tiers()
 # Tier 2: a failed step (S3 or metastore unavailable) is retried with exponential backoff and
 # jitter; throttling raises RetryRequested to wait at least the metastore's Retry-After.
@@ -109,6 +110,8 @@ def diff(
             "unchanged": summary.unchanged,
             "isolated": summary.isolated,
             "issue_counts": MetadataValue.json(summary.issue_counts),
+            # The first isolated lines with file, line, reason and message, as in issues.jsonl.
+            "issues": MetadataValue.json(summary.issues_preview),
             "problems": MetadataValue.json(summary.problems),
             "deletions_withheld": summary.deletions_withheld or "",
             "source_timestamp": summary.source_timestamp.isoformat()
@@ -151,7 +154,7 @@ def plan(
             state, settings, context.partition_key, metastore, approval
         )
     header = batch_plan.header
-    for row in batch_plan.isolated.head(20).iter_rows(named=True):
+    for row in batch_plan.isolated.head(ISOLATED_PREVIEW).iter_rows(named=True):
         context.log.warning(
             f"isolated by plan rules: {row['type_name']} {row['qualified_name']}"
             f" ({row['reason']}): {row['message']}"
@@ -188,6 +191,9 @@ def plan(
             "snapshot_entities": header.snapshot_entities,
             "isolated": header.isolated,
             "isolated_by_plan": header.isolated_by_plan,
+            "isolated_by_plan_preview": MetadataValue.json(
+                batch_plan.isolated.head(ISOLATED_PREVIEW).to_dicts()
+            ),
             "relationships_added": header.relationships_added,
             "relationships_removed": header.relationships_removed,
             "relationships_repointed": header.relationships_repointed,
