@@ -429,6 +429,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- load ------------------------------------------------------------------------------------
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from publish_platform.load import run_load
+
+    postgres = os.environ.get("DAGSTER_POSTGRES_URL") if args.dagster_postgres else None
+    if args.dagster_postgres and not postgres:
+        print("--dagster-postgres needs DAGSTER_POSTGRES_URL", file=sys.stderr)
+        return 2
+    result = run_load(
+        args.sources,
+        args.batches,
+        dagster_postgres_url=postgres,
+        timeout=args.timeout,
+        keep=Path(args.keep) if args.keep else None,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    _print_json(result)
+    ok = result["complete"] == result["batches"] and not result["failed_sources"]
+    return 0 if ok and not result["order_violations"] else 1
+
+
 # --- dev -------------------------------------------------------------------------------------
 
 
@@ -465,6 +489,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure landed → COMPLETE through the real daemon for this many small batches",
     )
     bench.set_defaults(func=cmd_bench)
+
+    load = commands.add_parser(
+        "load",
+        help="land many batches of many sources at once into a platform of its own; time to"
+        " drain, order, lost and duplicated entities",
+    )
+    load.add_argument("--sources", type=int, default=20)
+    load.add_argument("--batches", type=int, default=200, help="in all, spread over the sources")
+    load.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the drain")
+    load.add_argument(
+        "--dagster-postgres",
+        action="store_true",
+        help="Dagster storage in the Postgres of DAGSTER_POSTGRES_URL (default: SQLite)",
+    )
+    load.add_argument("--json", help="also write the result to this file")
+    load.add_argument("--keep", help="the platform's folder (logs, catalog), kept")
+    load.set_defaults(func=cmd_load)
 
     dev = commands.add_parser(
         "dev",

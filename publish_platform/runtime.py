@@ -51,12 +51,39 @@ def dagster_bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+def _start_daemon(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [dagster_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=PROJECT_ROOT,
+    )
+
+
 @dataclass
 class DagsterProcesses:
     webserver: subprocess.Popen[bytes]
     daemon: subprocess.Popen[bytes]
     url: str
     logs: list[IO[bytes]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def stop_daemon(self) -> None:
+        """Stop dagster-daemon as an operator would (SIGTERM); runs it queued stay queued."""
+        if self.daemon.poll() is None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+
+    def start_daemon(self) -> None:
+        """Start dagster-daemon again (after ``stop_daemon``), logging to the same file."""
+        if self.daemon.poll() is None:
+            raise RuntimeError("dagster-daemon is still running")
+        self.daemon = _start_daemon(self.env, self.logs[1])
 
     def stop(self) -> None:
         for process in (self.daemon, self.webserver):
@@ -106,15 +133,9 @@ def start_dagster(env: dict[str, str], port: int, log_dir: Path) -> DagsterProce
         stderr=subprocess.STDOUT,
         cwd=PROJECT_ROOT,
     )
-    daemon = subprocess.Popen(
-        [dagster_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_YAML)],
-        env=full_env,
-        stdout=daemon_log,
-        stderr=subprocess.STDOUT,
-        cwd=PROJECT_ROOT,
-    )
+    daemon = _start_daemon(full_env, daemon_log)
     processes = DagsterProcesses(
-        webserver, daemon, f"http://127.0.0.1:{port}", [web_log, daemon_log]
+        webserver, daemon, f"http://127.0.0.1:{port}", [web_log, daemon_log], full_env
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -147,6 +168,7 @@ class RunningPlatform:
     env: dict[str, str]
     instance: Any  # DagsterInstance
     url: str
+    processes: DagsterProcesses | None = None  # to stop and start the daemon (fault tests)
 
     @property
     def landing(self) -> str:
@@ -194,7 +216,7 @@ def running_platform(
     processes = start_dagster(env, free_port(), folder / "logs")
     instance = DagsterInstance.from_config(str(dagster_home))
     try:
-        yield RunningPlatform(env, instance, processes.url)
+        yield RunningPlatform(env, instance, processes.url, processes)
     finally:
         instance.dispose()
         processes.stop()

@@ -235,12 +235,17 @@ class StateStore:
         if current is not None:
             self._record_history(current[0])
         condition = {"IfMatch": current[1]} if current else {"IfNoneMatch": "*"}
+        body = pointer.model_dump_json().encode()
         try:
-            self.put_bytes(key, pointer.model_dump_json().encode(), **condition)
+            self.put_bytes(key, body, **condition)
         except ClientError as exc:
-            if _precondition_failed(exc):
+            if not _precondition_failed(exc):
+                raise
+            # The client retries a write whose answer was lost (connection reset, timeout);
+            # if the first attempt went through, the retry is refused by the write itself.
+            found = self.get_bytes(key)
+            if found is None or found[0] != body:
                 raise StaleStateError(f"{pointer.source} pointer moved during publish") from exc
-            raise
         self._record_history(pointer)
 
     def list_sources(self) -> list[str]:

@@ -203,3 +203,15 @@ def webhook() -> Iterator[tuple[str, list[dict]]]:
         yield f"http://127.0.0.1:{server.server_address[1]}/alerts", _Webhook.received
     finally:
         server.shutdown()
+
+
+# --- S3 faults -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_faults(moto_endpoint: str) -> Iterator[Any]:
+    """A fault-injecting proxy in front of the moto server (see ``s3_faults.FaultProxy``)."""
+    from publish_platform_tests.s3_faults import fault_proxy
+
+    with fault_proxy(moto_endpoint) as proxy:
+        yield proxy

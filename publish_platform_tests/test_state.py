@@ -227,3 +227,26 @@ def test_a_history_entry_lost_to_a_crash_is_written_by_the_next_commit(store, mo
     store.advance_pointer(pointer(3), expected_serial=2)
     assert store.get_bytes(store.history_key(SOURCE, 2)) is not None
     assert [p.serial for p in store.history(SOURCE)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("serial", [1, 2])
+def test_a_pointer_write_whose_answer_was_lost_commits_once(s3_faults, settings, serial):
+    """S3 applied the conditional write but the answer was lost; boto3 retries it and S3 refuses
+    the retry (412): that refusal is our own write, not another publisher's."""
+    from publish_platform.local_s3 import s3_client
+
+    store = StateStore(s3_client(s3_faults.url), settings.state_location)
+    if serial == 2:
+        store.advance_pointer(pointer(1), expected_serial=0)
+    lost = s3_faults.add(r"/pointer\.json$", "lost", "PUT")
+    store.advance_pointer(pointer(serial), expected_serial=serial - 1)
+
+    assert lost.hits == 1
+    assert [r.outcome for r in s3_faults.seen(r"/pointer\.json$", "PUT")][-2:] == [
+        "lost 200",
+        "forward 412",
+    ]
+    assert store.current_serial(SOURCE) == serial
+    assert [p.serial for p in store.history(SOURCE)] == list(range(1, serial + 1))
+    with pytest.raises(StaleStateError, match="moved during publish|plan expected"):
+        store.advance_pointer(pointer(serial), expected_serial=serial - 1)
