@@ -52,6 +52,8 @@ class DiffResult:
     issues: list[EntityIssue] = field(default_factory=list)
     deletions_withheld: str | None = None
     unchanged: int = 0  # entities of the batch equal to their snapshot row (not listed)
+    # The snapshot compared against: where the plan finds the unchanged entities.
+    snapshot: pl.DataFrame | None = field(default=None, repr=False)
 
     def count(self, op: str) -> int:
         if op == "unchanged":
@@ -199,6 +201,7 @@ def diff_batch(
         issues=issues,
         deletions_withheld=deletions_withheld,
         unchanged=unchanged,
+        snapshot=snapshot,
     )
 
 

@@ -114,6 +114,10 @@ def build_plan(
     exists: ExistsLookup | None = None,
 ) -> Plan:
     changes = diff.changes
+    snapshot = snapshot if snapshot is not None else diff.snapshot
+    if snapshot is None and diff.unchanged:
+        # Unchanged entities are not listed in the diff: only the snapshot says they exist.
+        raise ValueError("a plan of a diff with unchanged entities needs the diff's snapshot")
     snapshot = snapshot if snapshot is not None else pl.DataFrame(schema=DIFF_SCHEMA)
     upserts = changes.filter(pl.col("op").is_in(["create", "update"]))
     deletes = changes.filter(pl.col("op") == "delete")

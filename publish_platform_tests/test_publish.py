@@ -156,7 +156,7 @@ def test_next_snapshot_keeps_old_row_for_failed_update_and_omits_failed_create(c
         new["attributes"].update(qualifiedName=qn(f"hr/employees/{column}"), name=column)
         entities.append(new)
     parsed = parse_files([("f.json", jsonl(entities))], VOLATILE)
-    plan = build_plan(diff_batch(parsed, base, UPSTREAM_SOURCE, "full"), PK, 1)
+    plan = build_plan(diff_batch(parsed, base, UPSTREAM_SOURCE, "full"), PK, 1, snapshot=base)
     assert (plan.header.creates, plan.header.updates, plan.header.deletes) == (2, 2, 2)
 
     poison = {qn("sales/orders"), qn("hr/employees/bonus"), qn("hr/employees/salary")}
