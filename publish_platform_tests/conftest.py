@@ -25,7 +25,7 @@ os.environ.setdefault("PUBLISH_PLATFORM_RETRY_DELAY_SCALE", "0.01")
 
 from publish_platform import local_s3
 from publish_platform.config import Settings
-from publish_platform_tests.postgres import LocalPostgres, postgres_binaries
+from publish_platform_tests.postgres import LocalPostgres, started_postgres
 
 # --- S3 --------------------------------------------------------------------------------------
 
@@ -105,26 +105,10 @@ def catalog(settings: Settings) -> Iterator[Any]:
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
-def _local_postgres() -> LocalPostgres:
-    binaries = postgres_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or /usr/lib/postgresql")
-    return LocalPostgres(binaries)
-
-
-def _started_postgres() -> Iterator[LocalPostgres]:
-    server = _local_postgres()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[LocalPostgres]:
     """The tests' shared PostgreSQL server (127.0.0.1, free port, trust auth)."""
-    yield from _started_postgres()
+    yield from started_postgres()
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +120,7 @@ def postgres_url(postgres_server: LocalPostgres) -> str:
 @pytest.fixture
 def own_postgres() -> Iterator[LocalPostgres]:
     """A PostgreSQL server for one test alone, started; the test may stop and restart it."""
-    yield from _started_postgres()
+    yield from started_postgres()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,19 @@ class LocalPostgres:
         with contextlib.suppress(Exception):
             self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def started_postgres() -> Iterator[LocalPostgres]:
+    """A started server for a fixture to yield from, destroyed afterwards; skips the test when
+    the machine has no PostgreSQL binaries."""
+    import pytest
+
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found on PATH or /usr/lib/postgresql")
+    server = LocalPostgres(binaries)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

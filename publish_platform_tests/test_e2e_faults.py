@@ -49,7 +49,7 @@ from publish_platform.publish_state import PublishState, PublishStatus
 from publish_platform.runtime import RunningPlatform, running_platform, wait_for_state
 from publish_platform.state import StateStore
 from publish_platform_tests.commands import run_cli
-from publish_platform_tests.postgres import LocalPostgres, postgres_binaries
+from publish_platform_tests.postgres import LocalPostgres, started_postgres
 from publish_platform_tests.s3_faults import FaultProxy, fault_proxy
 
 pytestmark = pytest.mark.slow
@@ -105,15 +105,7 @@ class FaultyPlatform:
 @pytest.fixture(scope="module")
 def catalog_server() -> Iterator[LocalPostgres]:
     """The catalog's own Postgres, which the tests restart."""
-    binaries = postgres_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found")
-    server = LocalPostgres(binaries)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+    yield from started_postgres()
 
 
 @pytest.fixture(scope="module")
