@@ -205,10 +205,10 @@ class KnownLines:
 
     def find(self, raw_hashes: pl.Series) -> np.ndarray:
         """The snapshot row of each raw hash, or -1 where it is null or not known."""
-        high, low = _halves(raw_hashes.fill_null(0))
-        at = np.minimum(np.searchsorted(self.high, high), max(len(self.rows) - 1, 0))
         if not len(self.rows):
             return np.full(len(raw_hashes), -1, dtype=np.int64)
+        high, low = _halves(raw_hashes.fill_null(0))
+        at = np.minimum(np.searchsorted(self.high, high), len(self.rows) - 1)
         found = (
             (self.high[at] == high) & (self.low[at] == low) & raw_hashes.is_not_null().to_numpy()
         )
@@ -304,7 +304,6 @@ def parse_files(
         for block in line_blocks(content):
             scanned, block_lines = hasher.scan(block, first_line)
             first_line += block_lines
-            del block
             total += scanned.height
             if known is not None:
                 matched = known.find(scanned.get_column("raw_hash"))

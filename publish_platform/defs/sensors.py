@@ -53,7 +53,7 @@ def _data_age_key(listing: RunListing) -> tuple[datetime, str]:
 
 
 def _runs_named_by_events(
-    settings: Settings, cursor: dict[str, Any], now: datetime
+    settings: Settings, sqs: Any, cursor: dict[str, Any], now: datetime
 ) -> tuple[list[RunRef | InvalidRunFolder] | None, LandingEvents | None, str | None]:
     """With a landing queue: the run folders named by new events, plus those still settling
     since earlier ticks (no event says when a settle period ends). None instead when a full
@@ -62,9 +62,7 @@ def _runs_named_by_events(
     full_scan_at = cursor.get("full_scan_at")
     if not settings.landing_queue_url:
         return None, None, now.isoformat()
-    events = receive_landing_events(
-        boto3.client("sqs"), settings.landing_queue_url, settings.landing_location
-    )
+    events = receive_landing_events(sqs, settings.landing_queue_url, settings.landing_location)
     due = full_scan_at is None or now - datetime.fromisoformat(full_scan_at) >= timedelta(
         minutes=settings.landing_full_scan_minutes
     )
@@ -93,7 +91,8 @@ def landing_sensor(
     rejected_before = set(cursor.get("rejected", []))
     known = set(context.instance.get_dynamic_partitions(workflow_runs.name))
     now = datetime.now(UTC)
-    runs, events, full_scan_at = _runs_named_by_events(settings, cursor, now)
+    sqs = boto3.client("sqs") if settings.landing_queue_url else None
+    runs, events, full_scan_at = _runs_named_by_events(settings, sqs, cursor, now)
     found = discover(
         s3.get_client(),
         settings.landing_location,
@@ -120,7 +119,7 @@ def landing_sensor(
         }
     )
     if events is not None and settings.landing_queue_url:
-        acknowledge(boto3.client("sqs"), settings.landing_queue_url, events.receipts)
+        acknowledge(sqs, settings.landing_queue_url, events.receipts)
     if not found.ready:
         return SensorResult(
             skip_reason=f"no new ready run ({len(found.waiting)} settling, {len(known)} known)",
