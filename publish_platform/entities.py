@@ -275,6 +275,8 @@ class ParsedEntities:
     issues: list[EntityIssue]
     lines: int
     last_sync_ms: int | None = None  # newest lastSyncRunAt: when the source was read
+    # Non-blank lines of each file, as parsed: what a manifest's record counts are checked against.
+    lines_by_file: dict[str, int] = field(default_factory=dict)
     # Lines recognised as unchanged by their raw hash (UNCHANGED_SCHEMA), not parsed.
     unchanged: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=UNCHANGED_SCHEMA))
 
@@ -297,6 +299,7 @@ def parse_files(
     unchanged: list[pl.DataFrame] = [pl.DataFrame(schema=UNCHANGED_SCHEMA)]
     issues: list[EntityIssue] = []
     total = 0
+    lines_by_file: dict[str, int] = {}
     last_sync_ms: int | None = None
     known = known_raw if known_raw is not None and len(known_raw) else None
     for source_file, content in files:
@@ -305,6 +308,7 @@ def parse_files(
             scanned, block_lines = hasher.scan(block, first_line)
             first_line += block_lines
             total += scanned.height
+            lines_by_file[source_file] = lines_by_file.get(source_file, 0) + scanned.height
             if known is not None:
                 matched = known.find(scanned.get_column("raw_hash"))
                 hit = pl.Series(matched >= 0)
@@ -353,6 +357,7 @@ def parse_files(
         issues=issues,
         lines=total,
         last_sync_ms=last_sync_ms,
+        lines_by_file=lines_by_file,
         unchanged=pl.concat(unchanged, how="vertical"),
     )
 
