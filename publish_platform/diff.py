@@ -8,15 +8,17 @@ in the hash, so a batch that only changed them is all "unchanged".
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import polars as pl
 
-from publish_platform.entities import EntityIssue, KnownLines, ParsedEntities
-from publish_platform.state import SNAPSHOT_SCHEMA
+from publish_platform.entities import EntityIssue, HashIndex, ParsedEntities
+from publish_platform.state import SNAPSHOT_SCHEMA, StateStore, empty_snapshot, scan_snapshot
 
 Mode = Literal["full", "incremental"]
 
@@ -39,6 +41,7 @@ TYPE_RANK: dict[str, int] = {
 DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA}
 
 IDENTITY = ["type_name", "qualified_name"]
+IDENTITY_SCHEMA = {name: pl.String for name in IDENTITY}
 
 
 @dataclass
@@ -53,7 +56,7 @@ class DiffResult:
     deletions_withheld: str | None = None
     unchanged: int = 0  # entities of the batch equal to their snapshot row (not listed)
     # The snapshot compared against: where the plan finds the unchanged entities.
-    snapshot: pl.DataFrame | None = field(default=None, repr=False)
+    snapshot: SnapshotView | None = field(default=None, repr=False)
 
     def count(self, op: str) -> int:
         if op == "unchanged":
@@ -68,22 +71,99 @@ class DiffResult:
         return dict(Counter(issue.reason for issue in self.issues))
 
 
-def streamed_join(
-    left: pl.DataFrame,
-    right: pl.DataFrame,
-    on: str | list[str],
-    how: Literal["inner", "semi", "anti"] = "inner",
-) -> pl.DataFrame:
-    """A join of a batch's few rows with a snapshot's many, in polars' streaming engine: the
-    snapshot's keys are never encoded all at once (an eager join on two text columns costs
-    about 150 MB per million snapshot rows). Row order is not kept."""
-    return left.lazy().join(right.lazy(), on=on, how=how).collect(engine="streaming")
+IDENTITY_SEEDS = (0x5EED1, 0x5EED2)
 
 
-def recognisable(snapshot: pl.DataFrame) -> KnownLines:
+def identity_hash(frame: pl.DataFrame | pl.LazyFrame) -> pl.Series:
+    """128 bits of each row's identity, for lookups in a SnapshotView. Made of two polars hashes,
+    which may change between polars versions: never persisted, only compared within a process."""
+    key = pl.struct(IDENTITY)
+    first, second = (key.hash(seed).cast(pl.UInt128) for seed in IDENTITY_SEEDS)
+    hashed = frame.lazy().select(identity=first * 2**64 + second)
+    return hashed.collect(engine="streaming").get_column("identity")
+
+
+class SnapshotView:
+    """What a diff and its plan read of a source's snapshot.
+
+    Held in memory: the row count and two indexes of every row, its raw hash and its identity's
+    hash (about 50 bytes a row): enough to recognise unchanged lines, find the row of an
+    identity and tell whether an identity exists. Whole rows are read only for the few a batch
+    touches, from the snapshot file when it is one: memory does not grow with the snapshot's
+    payload or references.
+    """
+
+    def __init__(self, snapshot: pl.DataFrame | pl.LazyFrame, keep: object = None) -> None:
+        """``snapshot``: SNAPSHOT_SCHEMA, in memory or scanned (``state.scan_snapshot``);
+        ``keep``: what must live as long as the view (the scanned file's folder)."""
+        self._keep = keep
+        self._snapshot = snapshot.lazy().select(pl.exclude("entity"))
+        key = pl.struct(IDENTITY)
+        raw = pl.col("raw_hash")
+        keys = self._snapshot.select(  # one pass over two columns; the halves go to numpy
+            raw_known=raw.is_not_null(),
+            raw_high=raw.floordiv(2**64).cast(pl.UInt64).fill_null(0),
+            raw_low=(raw % 2**64).cast(pl.UInt64).fill_null(0),
+            id_high=key.hash(IDENTITY_SEEDS[0]),
+            id_low=key.hash(IDENTITY_SEEDS[1]),
+        ).collect(engine="streaming")
+        column = keys.get_column
+        self.identities = HashIndex(column("id_high").to_numpy(), column("id_low").to_numpy())
+        known = column("raw_known").to_numpy()
+        self.raw = HashIndex(
+            column("raw_high").to_numpy()[known], column("raw_low").to_numpy()[known]
+        )
+        self.raw.rows = np.flatnonzero(known).astype(np.uint32)[self.raw.rows]
+        self.entities = keys.height
+        del keys
+        self._loaded = pl.DataFrame(
+            schema={"snapshot_row": pl.UInt32, **self._snapshot.collect_schema()}
+        )
+
+    def rows(self, numbers: np.ndarray) -> pl.DataFrame:
+        """The rows with these numbers (``snapshot_row`` and SNAPSHOT_SCHEMA without the entity
+        JSON), in row order. Rows once read are kept: the plan re-reads what the diff read."""
+        wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
+        missing = wanted.filter(~wanted.is_in(self._loaded.get_column("snapshot_row").implode()))
+        if missing.len():
+            read = (
+                self._snapshot.with_row_index("snapshot_row")
+                .filter(pl.col("snapshot_row").is_in(missing.implode()))
+                .collect(engine="streaming")  # one pass, a row group at a time
+            )
+            self._loaded = pl.concat([self._loaded, read], how="vertical").sort("snapshot_row")
+        return self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
+
+    def rows_of(self, identities: pl.DataFrame) -> pl.DataFrame:
+        """The rows of these identities (those the snapshot has)."""
+        found = self.identities.find(identity_hash(identities))
+        rows = self.rows(found[found >= 0])
+        return rows.join(identities.select(IDENTITY), on=IDENTITY, how="semi")  # exactly
+
+    def exists(self, identities: pl.DataFrame) -> pl.DataFrame:
+        """Those of ``identities`` the snapshot has, by their 128-bit hash (no row is read)."""
+        return identities.filter(pl.Series(self.identities.find(identity_hash(identities)) >= 0))
+
+
+def open_snapshot(state: StateStore, source: str, serial: int) -> SnapshotView:
+    """A committed snapshot of ``source``, downloaded to a temporary file that is removed with
+    the view."""
+    if serial == 0:
+        return SnapshotView(empty_snapshot())
+    scratch = tempfile.TemporaryDirectory(prefix="publish-platform-snapshot-")
+    path = state.download_snapshot(source, serial, Path(scratch.name))
+    assert path is not None
+    return SnapshotView(scan_snapshot(path), keep=scratch)
+
+
+def as_view(snapshot: pl.DataFrame | SnapshotView) -> SnapshotView:
+    return snapshot if isinstance(snapshot, SnapshotView) else SnapshotView(snapshot)
+
+
+def recognisable(snapshot: pl.DataFrame | SnapshotView) -> HashIndex:
     """The snapshot's raw hashes, each with its row: batch lines with one of these are unchanged
     (not parsed), and take identity, hash and guid from that row."""
-    return KnownLines(snapshot.select("raw_hash").with_row_index("snapshot_row"))
+    return as_view(snapshot).raw
 
 
 def derive_source(parsed: ParsedEntities) -> str | list[str]:
@@ -94,7 +174,7 @@ def derive_source(parsed: ParsedEntities) -> str | list[str]:
 
 def diff_batch(
     parsed: ParsedEntities,
-    snapshot: pl.DataFrame,
+    snapshot: pl.DataFrame | SnapshotView,
     source: str,
     mode: Mode,
     force: bool = False,
@@ -105,18 +185,34 @@ def diff_batch(
     that repairs a drifted metastore); deletions are computed as usual.
 
     Most of a batch is lines recognised as unchanged (``parsed.unchanged``): they point at their
-    snapshot rows, so only the parsed lines are joined with the snapshot (by inner join: the
-    small side is hashed), and deletions are the snapshot rows nothing in the batch points at.
+    snapshot rows. Only the rows that the batch can change are read: those no line was
+    recognised as (changed or deleted), and those of identities the parsed or isolated lines
+    name. All else is decided on the row numbers.
     """
     if force and parsed.unchanged.height:
         raise ValueError("a forced diff re-sends every entity: parse every line (no known_raw)")
-    indexed = snapshot.with_row_index("snapshot_row")
-    # Recognised lines stay snapshot row numbers (no identity is copied for them). Those whose
-    # entity also appears on a parsed line are screened with it: a duplicate, or a conflict
-    # that isolates both.
+    view = as_view(snapshot)
     recognised_rows = parsed.unchanged.get_column("snapshot_row")
-    parsed_rows = streamed_join(
-        parsed.frame.select(IDENTITY), indexed.select(*IDENTITY, "snapshot_row"), IDENTITY
+    recognised = np.zeros(view.entities, dtype=bool)
+    recognised[recognised_rows.to_numpy()] = True
+    named = pl.concat(
+        [
+            parsed.frame.select(IDENTITY),
+            pl.DataFrame(
+                [(i.type_name, i.qualified_name) for i in parsed.issues if i.qualified_name],
+                schema=IDENTITY_SCHEMA,
+                orient="row",
+            ),
+        ],
+        how="vertical",
+    )
+    named_rows = view.identities.find(identity_hash(named))
+    indexed = view.rows(np.union1d(named_rows[named_rows >= 0], np.flatnonzero(~recognised)))
+
+    # Recognised lines stay row numbers. Those whose entity also appears on a parsed line are
+    # screened with it: a duplicate, or a conflict that isolates both.
+    parsed_rows = parsed.frame.select(IDENTITY).join(
+        indexed.select(*IDENTITY, "snapshot_row"), on=IDENTITY
     )
     overlap = (
         parsed.unchanged.join(parsed_rows.select("snapshot_row"), on="snapshot_row", how="semi")
@@ -142,10 +238,9 @@ def diff_batch(
     batch, issues = screen(candidates, source, parsed.issues)
     protected = _protected_identities(issues)
 
-    found = streamed_join(
-        batch,
+    found = batch.join(
         indexed.select(*IDENTITY, "snapshot_row", pl.col("hash").alias("old_hash"), "guid"),
-        IDENTITY,
+        on=IDENTITY,
     )
     creates = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti").with_columns(
         op=pl.lit("create"), guid=pl.lit(None, pl.String)
@@ -165,21 +260,21 @@ def diff_batch(
                 " of them, so no deletion is inferred from this batch"
             )
         else:
-            present = pl.concat([recognised_rows, found.get_column("snapshot_row")])
-            if protected:
-                present = pl.concat(
-                    [
-                        present,
-                        indexed.join(
-                            pl.DataFrame(sorted(protected), schema=IDENTITY, orient="row"),
-                            on=IDENTITY,
-                            how="inner",
-                        ).get_column("snapshot_row"),
-                    ]
-                )
-            absent = pl.Series(np.ones(snapshot.height, dtype=bool)).scatter(present, False)
+            # Every row no line was recognised as was read: the absent ones are among them.
+            present = pl.concat(
+                [
+                    recognised_rows,
+                    found.get_column("snapshot_row"),
+                    indexed.join(
+                        pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row"),
+                        on=IDENTITY,
+                    ).get_column("snapshot_row"),
+                ]
+            )
             deletes = (
-                snapshot.filter(absent).with_columns(op=pl.lit("delete")).select(list(DIFF_SCHEMA))
+                indexed.filter(~pl.col("snapshot_row").is_in(present.implode()))
+                .with_columns(op=pl.lit("delete"), entity=pl.lit(None, pl.String))
+                .select(list(DIFF_SCHEMA))
             )
 
     changes = pl.concat(
@@ -197,11 +292,11 @@ def diff_batch(
         changes=changes,
         lines=parsed.lines,
         valid_entities=parsed.frame.height + parsed.unchanged.height,
-        snapshot_entities=snapshot.height,
+        snapshot_entities=view.entities,
         issues=issues,
         deletions_withheld=deletions_withheld,
         unchanged=unchanged,
-        snapshot=snapshot,
+        snapshot=view,
     )
 
 

@@ -195,38 +195,39 @@ class RawHasher:
         return scanned.item(0, "raw_hash") if scanned.height else None
 
 
-class KnownLines:
-    """A snapshot's raw hashes, sorted once, to find each block's lines among them: a hash join
-    would walk every snapshot row again for every block of the batch.
+class HashIndex:
+    """128-bit hashes (a snapshot's raw hashes, or its identities') sorted once, to find the row
+    of each hash of a block: a hash join would walk every snapshot row again for every block.
 
-    Raw hashes are uniform, so their top bits say where in the sorted array a hash must be: a
+    The hashes are uniform, so their top bits say where in the sorted array a hash must be: a
     table of where each such bucket starts makes a lookup read about one entry, where a binary
-    search reads twenty (each a cache miss at a million rows)."""
+    search reads twenty (each a cache miss at a million rows). About 24 bytes a row.
+    """
 
-    def __init__(self, raw_hashes: pl.DataFrame) -> None:
-        """``raw_hashes``: ``raw_hash`` (UInt128, nullable) and ``snapshot_row`` columns."""
-        known = raw_hashes.drop_nulls("raw_hash").sort("raw_hash")
-        self.high, self.low = _halves(known.get_column("raw_hash"))
-        self.rows = known.get_column("snapshot_row").cast(pl.Int64).to_numpy()
+    def __init__(self, high: np.ndarray, low: np.ndarray) -> None:
+        """One 128-bit hash per row, as its high and low 64 bits (``halves``); rows without a
+        hash are left out by the caller, so ``rows`` says which row each sorted hash is."""
+        order = np.lexsort((low, high))  # in numpy: no copy of the snapshot's columns is kept
+        self.high, self.low, self.rows = high[order], low[order], order.astype(np.uint32)
         bits = max(1, len(self.rows).bit_length())  # about one hash per bucket, or none
         self.shift = np.uint64(64 - bits)
         self.starts = np.searchsorted(
             self.high >> self.shift, np.arange(2**bits + 1, dtype=np.uint64)
-        )
+        ).astype(np.uint32)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def find(self, raw_hashes: pl.Series) -> np.ndarray:
-        """The snapshot row of each raw hash, or -1 where it is null or not known."""
-        found = np.full(len(raw_hashes), -1, dtype=np.int64)
+    def find(self, hashes: pl.Series) -> np.ndarray:
+        """The row of each hash, or -1 where it is null or not known."""
+        found = np.full(len(hashes), -1, dtype=np.int64)
         if not len(self.rows):
             return found
-        high, low = _halves(raw_hashes.fill_null(0))
+        high, low = halves(hashes.fill_null(0))
         bucket = high >> self.shift
         at, end = self.starts[bucket], self.starts[bucket + 1]
         # Compare each hash with its bucket's entries, one entry of every bucket per round.
-        todo = np.flatnonzero((at < end) & raw_hashes.is_not_null().to_numpy())
+        todo = np.flatnonzero((at < end) & hashes.is_not_null().to_numpy())
         at, end = at[todo], end[todo]
         while todo.size:
             hit = (self.high[at] == high[todo]) & (self.low[at] == low[todo])
@@ -237,8 +238,8 @@ class KnownLines:
         return found
 
 
-def _halves(raw_hashes: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-    """The high and low 64 bits of 128-bit raw hashes, as numpy arrays."""
+def halves(raw_hashes: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The high and low 64 bits of 128-bit hashes, as numpy arrays."""
     halves = pl.DataFrame({"h": raw_hashes}).select(
         high=pl.col("h").floordiv(2**64).cast(pl.UInt64),
         low=(pl.col("h") % 2**64).cast(pl.UInt64),
@@ -317,7 +318,7 @@ class _ScannedBlock:
 def _scanned_blocks(
     files: Iterable[tuple[str, bytes | Iterable[bytes]]],
     hasher: RawHasher,
-    known: KnownLines | None,
+    known: HashIndex | None,
 ) -> Iterator[_ScannedBlock]:
     for source_file, content in files:
         first_line = 1
@@ -359,7 +360,7 @@ def parse_files(
     files: Iterable[tuple[str, bytes | Iterable[bytes]]],
     volatile: Iterable[str],
     max_line_bytes: int = MAX_LINE_BYTES,
-    known_raw: KnownLines | None = None,
+    known_raw: HashIndex | None = None,
 ) -> ParsedEntities:
     """Parse JSON-lines files into one frame of valid entities; every bad line becomes an issue.
 

@@ -19,8 +19,10 @@ from publish_platform.config import Settings
 from publish_platform.diff import (
     DIFF_SCHEMA,
     DiffResult,
+    SnapshotView,
     derive_source,
     diff_batch,
+    open_snapshot,
     recognisable,
 )
 from publish_platform.entities import EntityIssue, parse_files
@@ -133,7 +135,7 @@ def run_diff(
     if not problems:
         known = None
         if published is not None and not force:
-            snapshot = state.read_snapshot(summary.source, published.serial, payload=False)
+            snapshot = open_snapshot(state, summary.source, published.serial)
             known = recognisable(snapshot)
         parsed = parse_files(
             ((f.relative_key, f.data) for f in batch.files),
@@ -187,7 +189,7 @@ def run_diff(
     assert parsed is not None and summary.source is not None
     base_serial = published.serial if published else 0
     if snapshot is None:
-        snapshot = state.read_snapshot(summary.source, base_serial, payload=False)
+        snapshot = open_snapshot(state, summary.source, base_serial)
     diff = diff_batch(parsed, snapshot, summary.source, summary.mode, force=force)
     record_diff(state, summary, diff, base_serial)
     summary.duration_s = time.perf_counter() - started
@@ -270,9 +272,9 @@ def run_plan(
     # A batch that was not diffed (quarantined, skipped, superseded) gets an empty plan, checked
     # all the same.
     snapshot = (
-        state.read_snapshot(source, summary.base_serial, payload=False)
+        open_snapshot(state, source, summary.base_serial)
         if summary.outcome == "diffed"
-        else empty_snapshot()
+        else SnapshotView(empty_snapshot())
     )
     diff = DiffResult(
         source=source,
@@ -280,7 +282,7 @@ def run_plan(
         changes=changes.filter(pl.col("op") != "unchanged"),  # listed by earlier versions
         lines=summary.lines,
         valid_entities=summary.valid_entities,
-        snapshot_entities=snapshot.height,
+        snapshot_entities=snapshot.entities,
         deletions_withheld=summary.deletions_withheld,
         unchanged=summary.unchanged,
     )

@@ -29,7 +29,8 @@ from publish_platform.diff import (
     TYPE_RANK,
     DiffResult,
     Mode,
-    streamed_join,
+    SnapshotView,
+    as_view,
 )
 
 PLAN_SCHEMA = {"seq": pl.Int64, **DIFF_SCHEMA}
@@ -110,7 +111,7 @@ def build_plan(
     base_serial: int,
     source_timestamp: datetime | None = None,
     forced: bool = False,
-    snapshot: pl.DataFrame | None = None,
+    snapshot: pl.DataFrame | SnapshotView | None = None,
     exists: ExistsLookup | None = None,
 ) -> Plan:
     changes = diff.changes
@@ -118,7 +119,7 @@ def build_plan(
     if snapshot is None and diff.unchanged:
         # Unchanged entities are not listed in the diff: only the snapshot says they exist.
         raise ValueError("a plan of a diff with unchanged entities needs the diff's snapshot")
-    snapshot = snapshot if snapshot is not None else pl.DataFrame(schema=DIFF_SCHEMA)
+    snapshot = as_view(snapshot if snapshot is not None else pl.DataFrame(schema=DIFF_SCHEMA))
     upserts = changes.filter(pl.col("op").is_in(["create", "update"]))
     deletes = changes.filter(pl.col("op") == "delete")
 
@@ -208,7 +209,7 @@ def _isolate_missing_required(upserts: pl.DataFrame) -> tuple[pl.DataFrame, pl.D
 def _known_identities(
     targets: pl.DataFrame,
     changes: pl.DataFrame,
-    snapshot: pl.DataFrame,
+    snapshot: SnapshotView,
     deletes: pl.DataFrame,
     isolated: pl.DataFrame,
 ) -> pl.DataFrame:
@@ -221,7 +222,7 @@ def _known_identities(
     in_batch = targets.join(
         changes.filter(pl.col("op") != "delete").select(IDENTITY), on=IDENTITY, how="semi"
     )
-    in_snapshot = streamed_join(targets, snapshot.select(IDENTITY), IDENTITY, "semi")
+    in_snapshot = snapshot.exists(targets)
     return (
         pl.concat([in_batch, in_snapshot], how="vertical")
         .unique()
@@ -311,11 +312,10 @@ def _isolate_dangling(
 
 
 def _relationship_changes(
-    operations: pl.DataFrame, snapshot: pl.DataFrame
+    operations: pl.DataFrame, snapshot: SnapshotView
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """Edges added and removed by the plan, and how many (from, attribute) pairs re-point."""
-    touched = operations.select(IDENTITY)
-    old = _references(streamed_join(snapshot, touched, IDENTITY, "semi"))
+    old = _references(snapshot.rows_of(operations.select(IDENTITY)))
     new = _references(operations.filter(pl.col("op") != "delete"))
     added = new.join(old, on=list(EDGE_SCHEMA), how="anti")
     removed = old.join(new, on=list(EDGE_SCHEMA), how="anti")
@@ -448,19 +448,17 @@ def check_deletion_safety(
     )
 
 
-def check_references(plan: Plan, snapshot: pl.DataFrame) -> CheckOutcome:
+def check_references(plan: Plan, snapshot: pl.DataFrame | SnapshotView) -> CheckOutcome:
     """No planned entity references what will not exist; reports what the plan isolated."""
+    upserts = plan.operations.filter(pl.col("op") != "delete")
+    refs = _references(upserts)
+    targets = refs.select(IDENTITY).unique()
     known = pl.concat(
-        [
-            plan.operations.filter(pl.col("op") != "delete").select(IDENTITY),
-            snapshot.select(IDENTITY),
-        ],
-        how="vertical",
+        [upserts.select(IDENTITY), as_view(snapshot).exists(targets)], how="vertical"
     ).unique()
-    refs = _references(plan.operations.filter(pl.col("op") != "delete"))
     # Targets outside batch and snapshot were found in the metastore when the plan was built.
     isolated = plan.isolated.filter(pl.col("reason") == "dangling_reference")
-    unresolved = refs.join(known, on=IDENTITY, how="anti").select(IDENTITY).unique()
+    unresolved = targets.join(known, on=IDENTITY, how="anti")
     return CheckOutcome(
         name="references",
         passed=isolated.height == 0,
@@ -505,7 +503,10 @@ def check_required_attributes(plan: Plan) -> CheckOutcome:
 
 
 def evaluate_checks(
-    plan: Plan, snapshot: pl.DataFrame, threshold: float, approval: Approval | None
+    plan: Plan,
+    snapshot: pl.DataFrame | SnapshotView,
+    threshold: float,
+    approval: Approval | None,
 ) -> list[CheckOutcome]:
     return [
         check_scope(plan),

@@ -70,22 +70,27 @@ def empty_snapshot() -> pl.DataFrame:
 
 def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
     """A snapshot's parquet as SNAPSHOT_SCHEMA. ``payload=False`` leaves the entities' JSON out
-    (null): most of its size, needed to publish or roll back but not to diff or plan. Columns a
-    snapshot was written without (``raw_hash`` before it existed) read as null, and so do raw
-    hashes of an older kind (text): they could never match a line's."""
+    (null): most of its size, needed to publish or roll back but not to diff or plan."""
+    source = io.BytesIO(parquet) if isinstance(parquet, bytes) else parquet
+    return _normalized(pl.scan_parquet(source), payload).collect()
 
-    def source() -> io.BytesIO | Path:
-        return io.BytesIO(parquet) if isinstance(parquet, bytes) else parquet
 
-    present = set(pl.read_parquet_schema(source()))
-    wanted = [c for c in SNAPSHOT_SCHEMA if c in present and (payload or c != "entity")]
-    frame = pl.read_parquet(source(), columns=wanted)
-    missing = [
-        pl.lit(None, dtype).alias(name)
+def scan_snapshot(path: Path, payload: bool = False) -> pl.LazyFrame:
+    """A snapshot file as SNAPSHOT_SCHEMA, read lazily: what a diff needs of a large snapshot
+    is read a column or a few rows at a time, never all of it at once."""
+    return _normalized(pl.scan_parquet(path), payload)
+
+
+def _normalized(snapshot: pl.LazyFrame, payload: bool) -> pl.LazyFrame:
+    """Columns a snapshot was written without (``raw_hash`` before it existed) read as null, and
+    so do raw hashes of an older kind (text): they could never match a line's."""
+    present = snapshot.collect_schema()
+    return snapshot.select(
+        pl.col(name)
+        if name in present and present[name] == dtype and (payload or name != "entity")
+        else pl.lit(None, dtype).alias(name)
         for name, dtype in SNAPSHOT_SCHEMA.items()
-        if name not in frame.columns or frame.schema[name] != dtype
-    ]
-    return frame.with_columns(missing).select(list(SNAPSHOT_SCHEMA))
+    )
 
 
 class StateStore:
@@ -156,6 +161,21 @@ class StateStore:
         if found is None:
             raise FileNotFoundError(self.url(key))
         return load_snapshot(found[0], payload)
+
+    def download_snapshot(self, source: str, serial: int, folder: Path) -> Path | None:
+        """A committed snapshot as a file in ``folder`` (streamed to disk, never held whole in
+        memory), for ``scan_snapshot``; None for serial 0 (nothing published yet)."""
+        if serial == 0:
+            return None
+        key = self.snapshot_key_of(source, serial)
+        path = folder / f"snapshot-{serial}.parquet"
+        try:
+            self.s3.download_file(self.location.bucket, key, str(path))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise FileNotFoundError(self.url(key)) from exc
+            raise
+        return path
 
     def snapshot_key_of(self, source: str, serial: int) -> str:
         """The committed snapshot of a serial: the pointer's, or the history's for older ones."""
