@@ -27,6 +27,8 @@ import pyarrow as pa
 
 MAX_LINE_BYTES = 10 * 1024 * 1024
 T = TypeVar("T")
+# Whole lines, in one buffer or a few consecutive ones (see line_blocks).
+Block = list[bytes | memoryview]
 # Deepest nesting an entity may have: orjson serializes (canonical JSON, the content hash) no
 # deeper than this, and parses no deeper than 1024. Deeper lines are isolated, never a crash.
 MAX_DEPTH = 254
@@ -165,11 +167,11 @@ class RawHasher:
         first, second = (blanked.hash(seed).cast(pl.UInt128) for seed in self.seeds)
         return pl.when(named <= self.limit).then(first * 2**64 + second)
 
-    def scan(self, block: bytes | memoryview, first_line: int) -> tuple[pl.DataFrame, int]:
+    def scan(self, block: Block, first_line: int) -> tuple[pl.DataFrame, int]:
         """The non-blank lines of a block of whole lines: ``line`` (its number), ``data`` (its
         bytes, newline included) and ``raw_hash`` (null for a line that is not UTF-8 or names a
         volatile attribute twice); and how many lines the block has, blank ones included."""
-        lines = _split_lines(block)
+        lines = pa.chunked_array([_split_lines(part) for part in block], pa.large_binary())
         data = pl.from_arrow(lines)
         assert isinstance(data, pl.Series)
         try:
@@ -191,7 +193,7 @@ class RawHasher:
         return scanned, len(lines)
 
     def __call__(self, line: bytes) -> int | None:
-        scanned, _ = self.scan(line, 1)
+        scanned, _ = self.scan([line], 1)
         return scanned.item(0, "raw_hash") if scanned.height else None
 
 
@@ -266,30 +268,39 @@ def _split_lines(block: bytes | memoryview) -> pa.LargeBinaryArray:
     )
 
 
-def line_blocks(content: bytes | Iterable[bytes]) -> Iterator[memoryview]:
+def line_blocks(content: bytes | Iterable[bytes]) -> Iterator[Block]:
     """Blocks of whole lines of about BLOCK_BYTES from a file held whole (sliced, not copied)
-    or streamed in pieces (an S3 body: only about one block is held at a time)."""
+    or streamed in pieces (an S3 body: only about one block is held at a time).
+
+    A block is one buffer or a few: a large piece is used as it is, but for the line it shares
+    with the pieces before it (joined with theirs); small pieces are joined into one buffer.
+    """
     if isinstance(content, bytes | bytearray):
         view, start = memoryview(content), 0
         while start < len(content):
             end = content.rfind(b"\n", start, start + BLOCK_BYTES) + 1
             if end <= start:  # one line longer than a block
                 end = content.find(b"\n", start + BLOCK_BYTES) + 1 or len(content)
-            yield view[start:end]
+            yield [view[start:end]]
             start = end
         return
-    pending: list[bytes] = []
+    pending: list[bytes] = []  # pieces not yet in a block: they end within a line
     size = 0
     for piece in content:
-        pending.append(piece)
-        size += len(piece)
-        if size >= BLOCK_BYTES and b"\n" in piece:
-            data = b"".join(pending)
-            end = data.rfind(b"\n") + 1
-            yield memoryview(data)[:end]
-            pending, size = [data[end:]], len(data) - end
+        last = piece.rfind(b"\n")
+        if size + len(piece) < BLOCK_BYTES or last < 0:
+            pending.append(piece)
+            size += len(piece)
+            continue
+        first = piece.find(b"\n")
+        block: Block = [b"".join([*pending, piece[: first + 1]])]
+        if last > first:
+            block.append(memoryview(piece)[first + 1 : last + 1])
+        yield block
+        pending = [piece[last + 1 :]]
+        size = len(pending[0])
     if size:
-        yield memoryview(b"".join(pending))
+        yield [b"".join(pending)]
 
 
 @dataclass
