@@ -228,7 +228,7 @@ def measure_naive(folder: Path) -> dict[str, float]:
 
 def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
     """What the diff and plan steps compute for a batch (imports are done by the caller):
-    ``snapshot`` is a snapshot file's lazy scan, as the diff step reads it, or a frame."""
+    ``snapshot`` is a snapshot file, as the diff step reads it, or a frame."""
     from publish_platform.diff import SnapshotView, diff_batch
     from publish_platform.entities import parse_files
     from publish_platform.plan import build_plan
@@ -256,7 +256,7 @@ def prepare_snapshot(folder: Path) -> dict[str, float]:
 
     from publish_platform.metastores.sql import new_guid
     from publish_platform.publish import RESULT_SCHEMA, next_snapshot
-    from publish_platform.state import empty_snapshot
+    from publish_platform.state import empty_snapshot, snapshot_parquet
 
     plan = _diff_plan(folder, "v1", empty_snapshot())
     results = pl.DataFrame(
@@ -269,7 +269,7 @@ def prepare_snapshot(folder: Path) -> dict[str, float]:
         schema=RESULT_SCHEMA,
     )
     snapshot = next_snapshot(empty_snapshot(), plan.operations, results)
-    snapshot.write_parquet(folder / "snapshot-v1.parquet")
+    snapshot_parquet(snapshot, folder / "snapshot-v1.parquet")
     plan.operations.write_parquet(folder / "plan-v1.parquet")
     return {"entities": snapshot.height}
 
@@ -280,10 +280,9 @@ def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:
     import publish_platform.diff
     import publish_platform.entities
     import publish_platform.plan  # noqa: F401 - imported before the clock starts
-    from publish_platform.state import scan_snapshot
 
     started = time.perf_counter()
-    plan = _diff_plan(folder, version, scan_snapshot(folder / "snapshot-v1.parquet"))
+    plan = _diff_plan(folder, version, folder / "snapshot-v1.parquet")
     header = plan.header
     return {
         "seconds": time.perf_counter() - started,
@@ -301,7 +300,6 @@ def measure_publish(folder: Path) -> dict[str, float]:
 
     from publish_platform.metastores.sql import SqlCatalog
     from publish_platform.publish import execute_plan
-    from publish_platform.state import scan_snapshot
 
     operations = pl.read_parquet(folder / "plan-v1.parquet")
     catalog = SqlCatalog(f"sqlite:///{folder / 'catalog.sqlite'}")
@@ -310,7 +308,7 @@ def measure_publish(folder: Path) -> dict[str, float]:
         outcome = execute_plan(operations, catalog, chunk_size=500, source=SOURCE)
         seconds = time.perf_counter() - started
         before = sum(catalog.versions().values())
-        noop_plan = _diff_plan(folder, "v3", scan_snapshot(folder / "snapshot-v1.parquet"))
+        noop_plan = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
         execute_plan(noop_plan.operations, catalog, chunk_size=500, source=SOURCE)
         writes = sum(catalog.versions().values()) - before
     finally:

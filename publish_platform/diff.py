@@ -18,7 +18,13 @@ import numpy as np
 import polars as pl
 
 from publish_platform.entities import EntityIssue, HashIndex, ParsedEntities
-from publish_platform.state import SNAPSHOT_SCHEMA, StateStore, empty_snapshot, scan_snapshot
+from publish_platform.state import (
+    SNAPSHOT_SCHEMA,
+    StateStore,
+    empty_snapshot,
+    identity_hash,
+    scan_snapshot,
+)
 
 Mode = Literal["full", "incremental"]
 
@@ -71,16 +77,9 @@ class DiffResult:
         return dict(Counter(issue.reason for issue in self.issues))
 
 
-IDENTITY_SEEDS = (0x5EED1, 0x5EED2)
-
-
-def identity_hash(frame: pl.DataFrame | pl.LazyFrame) -> pl.Series:
-    """128 bits of each row's identity, for lookups in a SnapshotView. Made of two polars hashes,
-    which may change between polars versions: never persisted, only compared within a process."""
-    key = pl.struct(IDENTITY)
-    first, second = (key.hash(seed).cast(pl.UInt128) for seed in IDENTITY_SEEDS)
-    hashed = frame.lazy().select(identity=first * 2**64 + second)
-    return hashed.collect(engine="streaming").get_column("identity")
+def identity_hashes(identities: pl.DataFrame) -> pl.Series:
+    """The identity hash (``state.identity_hash``) of each row, to look up in a SnapshotView."""
+    return identities.select(identity_hash()).to_series()
 
 
 class SnapshotView:
@@ -93,31 +92,41 @@ class SnapshotView:
     payload or references.
     """
 
-    def __init__(self, snapshot: pl.DataFrame | pl.LazyFrame, keep: object = None) -> None:
-        """``snapshot``: SNAPSHOT_SCHEMA, in memory or scanned (``state.scan_snapshot``);
-        ``keep``: what must live as long as the view (the scanned file's folder)."""
+    def __init__(self, snapshot: pl.DataFrame | Path, keep: object = None) -> None:
+        """``snapshot``: SNAPSHOT_SCHEMA, in memory or a file; ``keep``: what must live as long
+        as the view (the file's temporary folder)."""
         self._keep = keep
-        self._snapshot = snapshot.lazy().select(pl.exclude("entity"))
-        key = pl.struct(IDENTITY)
-        raw = pl.col("raw_hash")
+        if isinstance(snapshot, Path):
+            self._snapshot = scan_snapshot(snapshot, row_index="snapshot_row")
+        else:
+            self._snapshot = (
+                snapshot.lazy()
+                .with_row_index("snapshot_row")
+                .with_columns(identity_hash=identity_hash())
+            )
+        raw, identity = pl.col("raw_hash"), pl.col("identity_hash")
         keys = self._snapshot.select(  # one pass over two columns; the halves go to numpy
             raw_known=raw.is_not_null(),
             raw_high=raw.floordiv(2**64).cast(pl.UInt64).fill_null(0),
             raw_low=(raw % 2**64).cast(pl.UInt64).fill_null(0),
-            id_high=key.hash(IDENTITY_SEEDS[0]),
-            id_low=key.hash(IDENTITY_SEEDS[1]),
+            id_high=identity.floordiv(2**64).cast(pl.UInt64),
+            id_low=(identity % 2**64).cast(pl.UInt64),
         ).collect(engine="streaming")
         column = keys.get_column
+        self.entities = keys.height
         self.identities = HashIndex(column("id_high").to_numpy(), column("id_low").to_numpy())
         known = column("raw_known").to_numpy()
         self.raw = HashIndex(
             column("raw_high").to_numpy()[known], column("raw_low").to_numpy()[known]
         )
         self.raw.rows = np.flatnonzero(known).astype(np.uint32)[self.raw.rows]
-        self.entities = keys.height
+        # Where each row's raw hash is in the raw index (-1: it has none): rows are read by
+        # their raw hashes, a column the reader filters on before decoding the others.
+        self._raw_at = np.full(self.entities, -1, dtype=np.int32)
+        self._raw_at[self.raw.rows] = np.arange(len(self.raw), dtype=np.int32)
         del keys
-        self._loaded = pl.DataFrame(
-            schema={"snapshot_row": pl.UInt32, **self._snapshot.collect_schema()}
+        self._loaded = (
+            self._snapshot.clear().select(pl.exclude("entity", "identity_hash")).collect()
         )
 
     def rows(self, numbers: np.ndarray) -> pl.DataFrame:
@@ -126,23 +135,32 @@ class SnapshotView:
         wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
         missing = wanted.filter(~wanted.is_in(self._loaded.get_column("snapshot_row").implode()))
         if missing.len():
+            at = self._raw_at[missing.to_numpy()]
+            at = at[at >= 0]
+            raw_hashes = pl.DataFrame({"high": self.raw.high[at], "low": self.raw.low[at]}).select(
+                pl.col("high").cast(pl.UInt128) * 2**64 + pl.col("low").cast(pl.UInt128)
+            )
             read = (
-                self._snapshot.with_row_index("snapshot_row")
+                self._snapshot.select(pl.exclude("entity", "identity_hash"))
+                .filter(
+                    pl.col("raw_hash").is_in(raw_hashes.to_series().implode())
+                    | pl.col("raw_hash").is_null()
+                )
                 .filter(pl.col("snapshot_row").is_in(missing.implode()))
-                .collect(engine="streaming")  # one pass, a row group at a time
+                .collect(engine="streaming")
             )
             self._loaded = pl.concat([self._loaded, read], how="vertical").sort("snapshot_row")
         return self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
 
     def rows_of(self, identities: pl.DataFrame) -> pl.DataFrame:
         """The rows of these identities (those the snapshot has)."""
-        found = self.identities.find(identity_hash(identities))
+        found = self.identities.find(identity_hashes(identities))
         rows = self.rows(found[found >= 0])
         return rows.join(identities.select(IDENTITY), on=IDENTITY, how="semi")  # exactly
 
     def exists(self, identities: pl.DataFrame) -> pl.DataFrame:
         """Those of ``identities`` the snapshot has, by their 128-bit hash (no row is read)."""
-        return identities.filter(pl.Series(self.identities.find(identity_hash(identities)) >= 0))
+        return identities.filter(pl.Series(self.identities.find(identity_hashes(identities)) >= 0))
 
 
 def open_snapshot(state: StateStore, source: str, serial: int) -> SnapshotView:
@@ -153,7 +171,7 @@ def open_snapshot(state: StateStore, source: str, serial: int) -> SnapshotView:
     scratch = tempfile.TemporaryDirectory(prefix="publish-platform-snapshot-")
     path = state.download_snapshot(source, serial, Path(scratch.name))
     assert path is not None
-    return SnapshotView(scan_snapshot(path), keep=scratch)
+    return SnapshotView(path, keep=scratch)
 
 
 def as_view(snapshot: pl.DataFrame | SnapshotView) -> SnapshotView:
@@ -206,7 +224,7 @@ def diff_batch(
         ],
         how="vertical",
     )
-    named_rows = view.identities.find(identity_hash(named))
+    named_rows = view.identities.find(identity_hashes(named))
     indexed = view.rows(np.union1d(named_rows[named_rows >= 0], np.flatnonzero(~recognised)))
 
     # Recognised lines stay row numbers. Those whose entity also appears on a parsed line are

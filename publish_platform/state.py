@@ -68,6 +68,27 @@ def empty_snapshot() -> pl.DataFrame:
     return pl.DataFrame(schema=SNAPSHOT_SCHEMA)
 
 
+IDENTITY_SEEDS = (0x5EED1, 0x5EED2)
+# polars' hash may change between its versions: a snapshot's stored identity hashes are used
+# only by the polars that wrote them (any other computes them again from the identities).
+IDENTITY_HASHED_BY = f"polars {pl.__version__}"
+
+
+def identity_hash() -> pl.Expr:
+    """128 bits of each row's identity (type_name, qualified_name), for lookups in memory."""
+    key = pl.struct("type_name", "qualified_name")
+    first, second = (key.hash(seed).cast(pl.UInt128) for seed in IDENTITY_SEEDS)
+    return first * 2**64 + second
+
+
+def snapshot_parquet(frame: pl.DataFrame, target: io.BytesIO | Path) -> None:
+    """A snapshot as stored: SNAPSHOT_SCHEMA plus each row's identity hash, so a diff finds rows
+    by identity without decoding every identity again."""
+    frame.select(list(SNAPSHOT_SCHEMA)).with_columns(identity_hash=identity_hash()).write_parquet(
+        target, compression="zstd", metadata={"identity_hash": IDENTITY_HASHED_BY}
+    )
+
+
 def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
     """A snapshot's parquet as SNAPSHOT_SCHEMA. ``payload=False`` leaves the entities' JSON out
     (null): most of its size, needed to publish or roll back but not to diff or plan."""
@@ -75,21 +96,35 @@ def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
     return _normalized(pl.scan_parquet(source), payload).collect()
 
 
-def scan_snapshot(path: Path, payload: bool = False) -> pl.LazyFrame:
-    """A snapshot file as SNAPSHOT_SCHEMA, read lazily: what a diff needs of a large snapshot
-    is read a column or a few rows at a time, never all of it at once."""
-    return _normalized(pl.scan_parquet(path), payload)
+def scan_snapshot(path: Path, payload: bool = False, row_index: str | None = None) -> pl.LazyFrame:
+    """A snapshot file as SNAPSHOT_SCHEMA plus ``identity_hash``, read lazily: what a diff needs
+    of a large snapshot is read a column or a few rows at a time, never all of it at once.
+    ``row_index`` names a first column of row numbers (numbered by the reader: a filter on
+    another column then decodes the rest of a row only where it matches)."""
+    scan = pl.scan_parquet(path, row_index_name=row_index)
+    stored = pl.read_parquet_metadata(path).get("identity_hash") == IDENTITY_HASHED_BY
+    hashes = pl.col("identity_hash") if stored else identity_hash().alias("identity_hash")
+    return _normalized(scan, payload, [row_index] if row_index else [], [hashes])
 
 
-def _normalized(snapshot: pl.LazyFrame, payload: bool) -> pl.LazyFrame:
+def _normalized(
+    snapshot: pl.LazyFrame,
+    payload: bool,
+    first: list[str] | None = None,
+    last: list[pl.Expr] | None = None,
+) -> pl.LazyFrame:
     """Columns a snapshot was written without (``raw_hash`` before it existed) read as null, and
     so do raw hashes of an older kind (text): they could never match a line's."""
     present = snapshot.collect_schema()
     return snapshot.select(
-        pl.col(name)
-        if name in present and present[name] == dtype and (payload or name != "entity")
-        else pl.lit(None, dtype).alias(name)
-        for name, dtype in SNAPSHOT_SCHEMA.items()
+        *(first or []),
+        *(
+            pl.col(name)
+            if name in present and present[name] == dtype and (payload or name != "entity")
+            else pl.lit(None, dtype).alias(name)
+            for name, dtype in SNAPSHOT_SCHEMA.items()
+        ),
+        *(last or []),
     )
 
 
@@ -216,11 +251,14 @@ class StateStore:
         """
         key = self.snapshot_key(source, serial, attempt)
         frame = frame.select(list(SNAPSHOT_SCHEMA))
+        buffer = io.BytesIO()
+        snapshot_parquet(frame, buffer)
         try:
-            self.put_frame(key, frame, IfNoneMatch="*")
+            self.put_bytes(key, buffer.getvalue(), IfNoneMatch="*")
         except ClientError as exc:
             if _precondition_failed(exc):
-                if self.get_frame(key).equals(frame):
+                found = self.get_bytes(key)
+                if found is not None and load_snapshot(found[0]).equals(frame):
                     return key
                 raise StaleStateError(
                     f"snapshot candidate {key} exists with other content"

@@ -12,6 +12,10 @@ from publish_platform.state import (
     StaleStateError,
     StateStore,
     empty_snapshot,
+    identity_hash,
+    load_snapshot,
+    scan_snapshot,
+    snapshot_parquet,
     source_segment,
 )
 
@@ -53,11 +57,11 @@ def pointer(serial: int, source: str = SOURCE, snapshot_key: str | None = None) 
 def test_snapshot_candidates_are_immutable_and_the_pointer_commits_one(store):
     key = store.write_snapshot(SOURCE, 1, SNAPSHOT, "plan-a")
     assert key.endswith("/snapshots/000000000001-plan-a.parquet")
-    assert store.get_frame(key).equals(SNAPSHOT)
+    assert load_snapshot(store.get_bytes(key)[0]).equals(SNAPSHOT)
 
     with pytest.raises(StaleStateError, match="exists with other content"):
         store.write_snapshot(SOURCE, 1, SNAPSHOT.head(1), "plan-a")
-    assert store.get_frame(key).equals(SNAPSHOT)  # the first write stands
+    assert load_snapshot(store.get_bytes(key)[0]).equals(SNAPSHOT)  # the first write stands
     # The very same snapshot again is a retry of the same publish, not a competitor.
     assert store.write_snapshot(SOURCE, 1, SNAPSHOT, "plan-a") == key
     # Another plan racing for the same serial writes a candidate of its own.
@@ -111,6 +115,24 @@ def test_snapshots_read_without_payload_and_from_before_raw_hashes(store):
     store.advance_pointer(pointer(3, snapshot_key=textual_key), expected_serial=2)
     textual = store.read_snapshot(SOURCE, 3, payload=False)
     assert textual.schema == SNAPSHOT.schema and textual["raw_hash"].null_count() == 2
+
+
+def test_identity_hashes_are_stored_and_used_only_by_the_polars_that_wrote_them(tmp_path):
+    expected = SNAPSHOT.select(identity_hash()).to_series()
+    snapshot_parquet(SNAPSHOT, tmp_path / "current.parquet")
+    stored = pl.read_parquet(tmp_path / "current.parquet", columns=["identity_hash"])
+    assert stored.to_series().equals(expected)
+
+    # Written by another polars (its hash may differ), or before identity hashes were stored:
+    # computed again from the identities.
+    other = SNAPSHOT.with_columns(identity_hash=pl.lit(7, pl.UInt128))
+    other.write_parquet(tmp_path / "other.parquet", metadata={"identity_hash": "polars 0.0.1"})
+    SNAPSHOT.write_parquet(tmp_path / "older.parquet")
+    for name in ("current", "other", "older"):
+        scanned = scan_snapshot(tmp_path / f"{name}.parquet", row_index="row").collect()
+        assert scanned.columns == ["row", *SNAPSHOT.columns, "identity_hash"]
+        assert scanned["identity_hash"].equals(expected, check_names=False), name
+        assert scanned["entity"].null_count() == 2  # no payload unless asked
 
 
 def test_serial_zero_is_the_empty_snapshot(store):

@@ -7,9 +7,10 @@ import orjson
 import polars as pl
 import pytest
 
-from publish_platform.diff import diff_batch, recognisable
+from publish_platform.diff import SnapshotView, as_view, diff_batch, recognisable
 from publish_platform.entities import RawHasher, parse_files
-from publish_platform.state import empty_snapshot
+from publish_platform.plan import build_plan
+from publish_platform.state import empty_snapshot, snapshot_parquet
 
 from .support import SOURCE, VOLATILE, entity, jsonl, small_source
 from .test_diff_plan import published
@@ -161,3 +162,33 @@ def test_the_raw_hash_is_the_same_in_another_process():
         .strip()
     )
     assert int(other) == RawHasher(VOLATILE)(line)
+
+
+def test_a_snapshot_file_diffs_and_plans_like_the_frame_whatever_it_was_written_with(tmp_path):
+    """The diff step reads the snapshot from a file (SnapshotView): rows by their raw hash,
+    identities by their stored hashes. Files from before either existed, or from another polars,
+    give the same diff and plan as the frame itself."""
+    first = small_source()
+    snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
+    second = resynced(first[:-1], "run-2")
+    second[3] = {**second[3], "attributes": {**second[3]["attributes"], "description": "new"}}
+    second.append(entity("Column", "db/s/t1/c9"))
+    twin = {**second[2], "attributes": {**second[2]["attributes"], "description": "twin"}}
+    second.append(twin)
+    lines = [("transformed/x/entities.json", jsonl(second))]
+
+    snapshot_parquet(snapshot, tmp_path / "current.parquet")
+    snapshot.drop("raw_hash").write_parquet(tmp_path / "no-raw-hashes.parquet")
+    snapshot.write_parquet(tmp_path / "no-identity-hashes.parquet")
+
+    def outcome(source: pl.DataFrame | SnapshotView) -> tuple:
+        view = as_view(source)
+        diff = diff_batch(parse_files(lines, VOLATILE, known_raw=view.raw), view, SOURCE, "full")
+        plan = build_plan(diff, "app/wf/run-2", 1)
+        operations = plan.operations.drop("entity", "raw_hash").rows()
+        return summary(diff), operations, plan.edges_removed.rows()
+
+    expected = outcome(snapshot)
+    assert expected[0]["ops"] and expected[2]  # something to compare: changes, removed edges
+    for name in ("current", "no-raw-hashes", "no-identity-hashes"):
+        assert outcome(SnapshotView(tmp_path / f"{name}.parquet")) == expected, name
