@@ -249,29 +249,49 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
     return build_plan(diff, PARTITION_KEY, 1)
 
 
+PREPARE_LINES = 500_000  # v1 becomes its snapshot this many lines at a time
+
+
 def prepare_snapshot(folder: Path) -> dict[str, float]:
-    """v1 as published (every entity with its guid): its snapshot, as the state store holds it
-    (not timed)."""
+    """v1 as its first publish leaves it (not timed): the snapshot, as the state store holds it
+    (every entity with its guid), and the plan of creates that the publish phase applies. Built
+    a part at a time, then streamed into one file: 5M entities at once would take 20 GB."""
+    import itertools
+
     import polars as pl
 
+    from publish_platform.entities import parse_files
     from publish_platform.metastores.sql import new_guid
-    from publish_platform.publish import RESULT_SCHEMA, next_snapshot
-    from publish_platform.state import empty_snapshot, snapshot_parquet
+    from publish_platform.plan import PLAN_SCHEMA
+    from publish_platform.state import SNAPSHOT_SCHEMA, snapshot_parquet
 
-    plan = _diff_plan(folder, "v1", empty_snapshot())
-    results = pl.DataFrame(
-        {
-            "seq": plan.operations["seq"],
-            "ok": True,
-            "guid": [new_guid() for _ in range(plan.operations.height)],
-            "error": None,
-        },
-        schema=RESULT_SCHEMA,
-    )
-    snapshot = next_snapshot(empty_snapshot(), plan.operations, results)
-    snapshot_parquet(snapshot, folder / "snapshot-v1.parquet")
-    plan.operations.write_parquet(folder / "plan-v1.parquet")
-    return {"entities": snapshot.height}
+    parts = folder / "v1-parts"
+    parts.mkdir(exist_ok=True)
+    with open(folder / "v1.jsonl", "rb") as v1:
+        for number in itertools.count():
+            lines = list(itertools.islice(v1, PREPARE_LINES))
+            if not lines:
+                break
+            parsed = parse_files([("v1.jsonl", b"".join(lines))], DEFAULT_VOLATILE_ATTRIBUTES)
+            assert not parsed.issues, parsed.issues[:3]
+            parsed.frame.with_columns(
+                guid=pl.Series([new_guid() for _ in range(parsed.frame.height)])
+            ).select(list(SNAPSHOT_SCHEMA)).write_parquet(parts / f"{number:05d}.parquet")
+    published = pl.scan_parquet(parts / "*.parquet")
+    snapshot_parquet(published, folder / "snapshot-v1.parquet")
+    # In file order, which is parents first: each table before its columns.
+    published.with_row_index("seq").with_columns(
+        pl.col("seq").cast(pl.Int64), op=pl.lit("create"), guid=pl.lit(None, pl.String)
+    ).select(list(PLAN_SCHEMA)).sink_parquet(folder / "plan-v1.parquet")
+    for part in parts.iterdir():
+        part.unlink()
+    parts.rmdir()
+    return {
+        "entities": pl.scan_parquet(folder / "snapshot-v1.parquet")
+        .select(pl.len())
+        .collect()
+        .item()
+    }
 
 
 def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:

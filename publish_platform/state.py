@@ -81,12 +81,18 @@ def identity_hash() -> pl.Expr:
     return first * 2**64 + second
 
 
-def snapshot_parquet(frame: pl.DataFrame, target: io.BytesIO | Path) -> None:
+def snapshot_parquet(snapshot: pl.DataFrame | pl.LazyFrame, target: io.BytesIO | Path) -> None:
     """A snapshot as stored: SNAPSHOT_SCHEMA plus each row's identity hash, so a diff finds rows
-    by identity without decoding every identity again."""
-    frame.select(list(SNAPSHOT_SCHEMA)).with_columns(identity_hash=identity_hash()).write_parquet(
-        target, compression="zstd", metadata={"identity_hash": IDENTITY_HASHED_BY}
+    by identity without decoding every identity again. A lazy snapshot is streamed to a file."""
+    stored = (
+        snapshot.lazy().select(list(SNAPSHOT_SCHEMA)).with_columns(identity_hash=identity_hash())
     )
+    metadata = {"identity_hash": IDENTITY_HASHED_BY}
+    if isinstance(snapshot, pl.LazyFrame):
+        assert isinstance(target, Path)
+        stored.sink_parquet(target, compression="zstd", metadata=metadata)
+    else:
+        stored.collect().write_parquet(target, compression="zstd", metadata=metadata)
 
 
 def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
