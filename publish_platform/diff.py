@@ -235,7 +235,10 @@ def diff_batch(
     overlap = (
         parsed.unchanged.join(parsed_rows.select("snapshot_row"), on="snapshot_row", how="semi")
         .unique("snapshot_row", keep="first", maintain_order=True)
-        .join(indexed.select("snapshot_row", *IDENTITY, "hash", "references"), on="snapshot_row")
+        .join(
+            indexed.select("snapshot_row", *IDENTITY, "hash", "references", "raw_hash"),
+            on="snapshot_row",
+        )
     )
     candidates = pl.concat(
         [

@@ -57,9 +57,8 @@ ENTITY_SCHEMA = {
 }
 
 # Lines recognised by their raw hash as unchanged since the snapshot (the row they match in it):
-# not parsed.
+# not parsed. (The raw hash is the row's.)
 UNCHANGED_SCHEMA = {
-    "raw_hash": pl.UInt128,
     "snapshot_row": pl.UInt32,
     "source_file": pl.String,
     "line": pl.Int64,
@@ -342,7 +341,6 @@ def _scanned_blocks(
                 matched = known.find(scanned.get_column("raw_hash"))
                 hit = pl.Series(matched >= 0)
                 unchanged = scanned.filter(hit).select(
-                    "raw_hash",
                     snapshot_row=pl.Series(matched[matched >= 0], dtype=pl.UInt32),
                     source_file=pl.lit(source_file),
                     line="line",
