@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+
 import pytest
 import sqlalchemy as sa
 
@@ -126,3 +129,21 @@ def test_reopening_keeps_the_catalog(catalog_url):
         assert count == 1
     finally:
         second.close()
+
+
+def test_a_new_sqlite_catalog_has_16_kib_pages_and_an_existing_one_keeps_its_own(tmp_path):
+    """Large pages make the first publish of a source cheaper; a file made before keeps working."""
+    new, old = tmp_path / "new.sqlite", tmp_path / "old.sqlite"
+    with closing(sqlite3.connect(old)) as connection:
+        connection.execute("PRAGMA page_size=4096")
+        connection.execute("PRAGMA journal_mode=WAL")
+    for path in (new, old):
+        catalog = SqlCatalog(f"sqlite:///{path}")
+        catalog.upsert([write("Database", "db")])
+        assert len(list(catalog.dump(SOURCE))) == 1
+        catalog.close()
+    sizes = {}
+    for path in (new, old):
+        with closing(sqlite3.connect(path)) as connection:
+            sizes[path.name] = connection.execute("PRAGMA page_size").fetchone()[0]
+    assert sizes == {"new.sqlite": 16384, "old.sqlite": 4096}
