@@ -15,11 +15,12 @@ from typing import Protocol
 import polars as pl
 
 from publish_platform.metastores.base import (
-    EntityWrite,
+    EntityWrites,
     Identity,
     Metastore,
     MetastoreRefusedError,
     TransientMetastoreError,
+    WriteColumns,
     WriteResult,
 )
 from publish_platform.retries import RetryTiers, with_immediate_retries
@@ -179,14 +180,31 @@ def _apply(
             ],
             purge=purge,
         )
-    columns = chunk.select("type_name", "qualified_name", "entity", "hash", "guid", "references")
-    return metastore.upsert(
-        [
-            EntityWrite(
-                type_name, qualified_name, entity, content_hash, guid, tuple(refs or ()), source
-            )
-            for type_name, qualified_name, entity, content_hash, guid, refs in columns.iter_rows()
-        ]
+    return metastore.upsert(_writes(chunk, source))
+
+
+def _writes(chunk: pl.DataFrame, source: str | None) -> EntityWrites:
+    """The chunk's entities as columns: no object, tuple or dict is made per entity unless the
+    metastore asks for one (at ~15 µs an entity for SQLite, they used to cost half as much)."""
+    edges = (
+        chunk.select(pl.int_range(pl.len()).alias("row"), "references")
+        .explode("references")
+        .drop_nulls("references")
+        .unnest("references")
+    )
+    return EntityWrites(
+        WriteColumns(
+            chunk.get_column("type_name").to_list(),
+            chunk.get_column("qualified_name").to_list(),
+            chunk.get_column("entity").to_list(),
+            chunk.get_column("hash").to_list(),
+            chunk.get_column("guid").to_list(),
+            [source] * chunk.height,
+            edges.get_column("row").to_list(),
+            edges.get_column("attribute").to_list(),
+            edges.get_column("type_name").to_list(),
+            edges.get_column("qualified_name").to_list(),
+        )
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
+from typing import Protocol, overload
 
 import orjson
 
@@ -74,6 +74,93 @@ class EntityWrite:
     @cached_property
     def entity(self) -> dict:
         return orjson.loads(self.entity_json)
+
+
+@dataclass(frozen=True)
+class WriteColumns:
+    """A chunk of writes as columns, one list per field: what a database metastore binds, without
+    an object (and a dict per reference) made for every entity of a large publish."""
+
+    type_names: list[str]
+    qualified_names: list[str]
+    entity_jsons: list[str]
+    content_hashes: list[str]
+    guids: list[str | None]
+    connection_qualified_names: list[str | None]
+    # One edge per reference: the position of the entity in the chunk, then its target.
+    edge_rows: list[int]
+    edge_attributes: list[str]
+    edge_type_names: list[str]
+    edge_qualified_names: list[str]
+
+    @classmethod
+    def of(cls, writes: Sequence[EntityWrite]) -> WriteColumns:
+        if isinstance(writes, EntityWrites):
+            return writes.columns
+        edges = [
+            (row, ref["attribute"], ref["type_name"], ref["qualified_name"])
+            for row, write in enumerate(writes)
+            for ref in write.references
+        ]
+        edge_rows, attributes, type_names, qualified_names = (
+            [list(column) for column in zip(*edges, strict=True)] if edges else ([], [], [], [])
+        )
+        return cls(
+            [w.type_name for w in writes],
+            [w.qualified_name for w in writes],
+            [w.entity_json for w in writes],
+            [w.content_hash for w in writes],
+            [w.guid for w in writes],
+            [w.connection_qualified_name for w in writes],
+            edge_rows,
+            attributes,
+            type_names,
+            qualified_names,
+        )
+
+
+class EntityWrites(Sequence[EntityWrite]):
+    """A chunk of writes kept as columns (as the plan holds them). A metastore that binds
+    columns reads ``columns``; one that works entity by entity gets EntityWrite objects, made
+    as it reads them."""
+
+    def __init__(self, columns: WriteColumns) -> None:
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns.type_names)
+
+    @overload
+    def __getitem__(self, index: int) -> EntityWrite: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[EntityWrite]: ...
+
+    def __getitem__(self, index: int | slice) -> EntityWrite | list[EntityWrite]:
+        if isinstance(index, slice):
+            return [self[row] for row in range(*index.indices(len(self)))]
+        c = self.columns
+        return EntityWrite(
+            c.type_names[index],
+            c.qualified_names[index],
+            c.entity_jsons[index],
+            c.content_hashes[index],
+            c.guids[index],
+            self._references[index],
+            c.connection_qualified_names[index],
+        )
+
+    @cached_property
+    def _references(self) -> list[tuple[dict[str, str], ...]]:
+        grouped: list[list[dict[str, str]]] = [[] for _ in range(len(self))]
+        c = self.columns
+        for row, attribute, type_name, qualified_name in zip(
+            c.edge_rows, c.edge_attributes, c.edge_type_names, c.edge_qualified_names, strict=True
+        ):
+            grouped[row].append(
+                {"attribute": attribute, "type_name": type_name, "qualified_name": qualified_name}
+            )
+        return [tuple(refs) for refs in grouped]
 
 
 @dataclass(frozen=True)
