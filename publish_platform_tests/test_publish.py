@@ -305,3 +305,36 @@ def test_a_metastore_reading_entity_by_entity_gets_each_write_whole():
     assert metastore.seen == expected
     assert any(w.references for w in metastore.seen)
     assert metastore.seen[0].entity == orjson.loads(operations.item(0, "entity"))
+
+
+def test_references_travel_with_their_entity_through_splits_and_resumes(catalog):
+    """A chunk's references are a slice of the plan's: they stay with their entities when a
+    chunk splits around a failure and when a resumed publish starts part-way."""
+    plan = first_plan()
+    poison = qn("sales/orders/amount")
+    checkpoint = MemoryCheckpoint()
+    with pytest.raises(Killed):
+        execute_plan(
+            plan.operations,
+            RecordingMetastore(catalog, {poison}, die_at=1),
+            chunk_size=5,
+            checkpoint=checkpoint,
+        )
+    outcome = execute_plan(
+        plan.operations, PoisonMetastore(catalog, {poison}), chunk_size=5, checkpoint=checkpoint
+    )
+
+    assert outcome.resumed == 5 and outcome.split_chunks > 0 and outcome.failed == 1
+    expected = {
+        (
+            row["type_name"],
+            row["qualified_name"],
+            r["attribute"],
+            r["type_name"],
+            r["qualified_name"],
+        )
+        for row in plan.operations.iter_rows(named=True)
+        if row["qualified_name"] != poison
+        for r in row["references"] or ()
+    }
+    assert expected and catalog.relationships(UPSTREAM_SOURCE) == expected
