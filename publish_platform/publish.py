@@ -23,6 +23,7 @@ from publish_platform.metastores.base import (
     TransientMetastoreError,
     WriteColumns,
     WriteResult,
+    WriteResults,
 )
 from publish_platform.retries import RetryTiers, with_immediate_retries
 from publish_platform.state import SNAPSHOT_SCHEMA
@@ -99,11 +100,12 @@ def execute_plan(
             chunk, start, references, metastore, purge, outcome, tiers, on_retry, source
         ):
             applied.append(_results_frame(operations_done, results))
-            outcome.errors += [
-                {"type_name": r.type_name, "qualified_name": r.qualified_name, "error": r.error}
-                for r in results
-                if not r.ok
-            ]
+            if not isinstance(results, WriteResults):  # those all succeeded
+                outcome.errors += [
+                    {"type_name": r.type_name, "qualified_name": r.qualified_name, "error": r.error}
+                    for r in results
+                    if not r.ok
+                ]
         part = applied[0] if len(applied) == 1 else pl.concat(applied, how="vertical")
         if checkpoint is not None:
             checkpoint.record(part)
@@ -118,13 +120,16 @@ def execute_plan(
 
 def _results_frame(operations: pl.DataFrame, results: Sequence[WriteResult]) -> pl.DataFrame:
     """RESULT_SCHEMA rows of ``operations``, built column by column (not a tuple per row)."""
+    if isinstance(results, WriteResults):
+        ok: list[bool] = [True] * len(results)
+        guids: list[str | None] = list(results.guids)
+        errors: list[str | None] = [None] * len(results)
+    else:
+        ok = [r.ok for r in results]
+        guids = [r.guid for r in results]
+        errors = [r.error for r in results]
     return pl.DataFrame(
-        {
-            "seq": operations.get_column("seq"),
-            "ok": [r.ok for r in results],
-            "guid": [r.guid for r in results],
-            "error": [r.error for r in results],
-        },
+        {"seq": operations.get_column("seq"), "ok": ok, "guid": guids, "error": errors},
         schema=RESULT_SCHEMA,
     )
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from publish_platform.config import Settings
 from publish_platform.metastores import open_metastore
-from publish_platform.metastores.base import EntityWrite, Identity
+from publish_platform.metastores.base import EntityWrite, Identity, WriteResult
 from publish_platform.metastores.sql import (
     ROWS_PER_STATEMENT,
     SqlCatalog,
@@ -192,6 +192,10 @@ def test_a_chunk_mixing_new_known_and_unrecognised_entities(catalog):
 
     assert [r.ok for r in results] == [True] * 4
     assert [r.qualified_name for r in results] == [w.qualified_name for w in writes]
+    assert results[-1] == WriteResult(
+        "Table", f"{SOURCE}/db/s/known", True, "00000000-0000-4000-8000-00000000000a"
+    )
+    assert results[1:3] == [results[1], results[2]] and len(results) == 4
     guids = [r.guid for r in results]
     assert guids[1:] == [guid_a, guid_b, "00000000-0000-4000-8000-00000000000a"]
     assert guids[0] not in (guid_a, guid_b) and len(guids[0]) == 36

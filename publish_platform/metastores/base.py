@@ -172,12 +172,38 @@ class WriteResult:
     error: str | None = None
 
 
+class WriteResults(Sequence[WriteResult]):
+    """The results of a chunk whose every write succeeded, kept as columns: a WriteResult is
+    made only for a reader that asks for one (the publish reads the guids)."""
+
+    def __init__(self, type_names: list[str], qualified_names: list[str], guids: list[str]):
+        self.type_names = type_names
+        self.qualified_names = qualified_names
+        self.guids = guids
+
+    def __len__(self) -> int:
+        return len(self.guids)
+
+    @overload
+    def __getitem__(self, index: int) -> WriteResult: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[WriteResult]: ...
+
+    def __getitem__(self, index: int | slice) -> WriteResult | list[WriteResult]:
+        if isinstance(index, slice):
+            return [self[row] for row in range(*index.indices(len(self)))]
+        return WriteResult(
+            self.type_names[index], self.qualified_names[index], True, self.guids[index]
+        )
+
+
 class Metastore(Protocol):
-    def upsert(self, entities: Sequence[EntityWrite]) -> list[WriteResult]:
+    def upsert(self, entities: Sequence[EntityWrite]) -> Sequence[WriteResult]:
         """Create or update a chunk. Raises if the chunk as a whole failed."""
         ...
 
-    def delete(self, identities: Sequence[Identity], purge: bool = False) -> list[WriteResult]:
+    def delete(self, identities: Sequence[Identity], purge: bool = False) -> Sequence[WriteResult]:
         """Archive (or purge) a chunk. Deleting what is already gone succeeds."""
         ...
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import orjson
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ from publish_platform.metastores.base import (
     TransientMetastoreError,
     WriteColumns,
     WriteResult,
+    WriteResults,
 )
 
 metadata = sa.MetaData()
@@ -173,10 +175,10 @@ def new_guids(count: int) -> list[str]:
     one call to the OS (one per entity was a tenth of the publish)."""
     stamp = f"{time.time_ns() // 1_000_000:012x}"
     head = f"{stamp[:8]}-{stamp[8:]}-7"
-    randomness = os.urandom(10 * count).hex()  # 20 hex digits each, 19 used: 74 random bits
+    x = os.urandom(10 * count).hex()  # 20 hex digits each, 19 used: 74 random bits
     guids = [
-        f"{head}{r[:3]}-{_VARIANT[r[3]]}{r[4:7]}-{r[7:19]}"
-        for r in (randomness[start : start + 20] for start in range(0, 20 * count, 20))
+        f"{head}{x[i : i + 3]}-{_VARIANT[x[i + 3]]}{x[i + 4 : i + 7]}-{x[i + 7 : i + 19]}"
+        for i in range(0, 20 * count, 20)
     ]
     guids.sort()
     return guids
@@ -211,7 +213,7 @@ class SqlCatalog:
             return now.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
         return now
 
-    def upsert(self, writes: Sequence[EntityWrite]) -> list[WriteResult]:
+    def upsert(self, writes: Sequence[EntityWrite]) -> Sequence[WriteResult]:
         if not writes:
             return []
         columns = WriteColumns.of(writes)
@@ -247,12 +249,8 @@ class SqlCatalog:
                     self._statement(_INSERT_EDGES, 4, size),
                     tuple(edges[4 * start : 4 * (start + size)]),
                 )
-        return [
-            WriteResult(type_name, qualified_name, True, guid)
-            for type_name, qualified_name, guid in zip(
-                columns.type_names, columns.qualified_names, guids, strict=True
-            )
-        ]
+        # Every guid is known now: minted, given, or the one the catalog had.
+        return WriteResults(columns.type_names, columns.qualified_names, cast(list[str], guids))
 
     def _entity_params(
         self, columns: WriteColumns, guids: list[str | None], rows: list[int], now: object
