@@ -95,6 +95,7 @@ class WriteColumns:
 
     @classmethod
     def of(cls, writes: Sequence[EntityWrite]) -> WriteColumns:
+        """The columns of any chunk: those an EntityWrites holds, or made from the objects."""
         if isinstance(writes, EntityWrites):
             return writes.columns
         edges = [
@@ -152,6 +153,7 @@ class EntityWrites(Sequence[EntityWrite]):
 
     @cached_property
     def _references(self) -> list[tuple[dict[str, str], ...]]:
+        """Each entity's references as EntityWrite carries them, regrouped from the edges."""
         grouped: list[list[dict[str, str]]] = [[] for _ in range(len(self))]
         c = self.columns
         for row, attribute, type_name, qualified_name in zip(
@@ -176,7 +178,7 @@ class WriteResults(Sequence[WriteResult]):
     """The results of a chunk whose every write succeeded, kept as columns: a WriteResult is
     made only for a reader that asks for one (the publish reads the guids)."""
 
-    def __init__(self, type_names: list[str], qualified_names: list[str], guids: list[str]):
+    def __init__(self, type_names: list[str], qualified_names: list[str], guids: list[str]) -> None:
         self.type_names = type_names
         self.qualified_names = qualified_names
         self.guids = guids

@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import sqlalchemy as sa
@@ -153,6 +154,11 @@ def _connection_of(entity_json: str) -> str | None:
     return (orjson.loads(entity_json).get("attributes") or {}).get("connectionQualifiedName")
 
 
+def _interleaved(*columns: list[Any]) -> list[Any]:
+    """The columns' values row by row, as one flat list of statement parameters."""
+    return list(chain.from_iterable(zip(*columns, strict=True)))
+
+
 def _statement_parts(rows: int) -> Iterator[tuple[int, int]]:
     """(start, size) of the statements ``rows`` rows go in: full ones, then the binary digits of
     the rest, largest first."""
@@ -233,17 +239,12 @@ class SqlCatalog:
                         relationships.c.from_guid.in_(kept[start : start + LOOKUP_BATCH])
                     )
                 )
-            edges = [
-                value
-                for edge in zip(
-                    [guids[row] for row in columns.edge_rows],
-                    columns.edge_attributes,
-                    columns.edge_type_names,
-                    columns.edge_qualified_names,
-                    strict=True,
-                )
-                for value in edge
-            ]
+            edges = _interleaved(
+                [guids[row] for row in columns.edge_rows],
+                columns.edge_attributes,
+                columns.edge_type_names,
+                columns.edge_qualified_names,
+            )
             for start, size in _statement_parts(len(columns.edge_rows)):
                 connection.exec_driver_sql(
                     self._statement(_INSERT_EDGES, 4, size),
@@ -257,18 +258,23 @@ class SqlCatalog:
     ) -> Iterator[tuple[int, tuple[object, ...]]]:
         """(rows, parameters) of each statement writing ``rows``: now twice, then 6 a row."""
         connections = columns.connection_qualified_names
-        values = [
-            value
-            for row in rows
-            for value in (
-                guids[row],
-                columns.type_names[row],
-                columns.qualified_names[row],
-                connections[row] or _connection_of(columns.entity_jsons[row]),
-                columns.entity_jsons[row],
-                columns.content_hashes[row],
+        if None in connections:
+            connections = [
+                connection if connection is not None else _connection_of(entity)
+                for connection, entity in zip(connections, columns.entity_jsons, strict=True)
+            ]
+        picked = [
+            column if len(rows) == len(column) else [column[row] for row in rows]
+            for column in (
+                guids,
+                columns.type_names,
+                columns.qualified_names,
+                connections,
+                columns.entity_jsons,
+                columns.content_hashes,
             )
         ]
+        values = _interleaved(*picked)
         for start, size in _statement_parts(len(rows)):
             yield size, (now, now, *values[6 * start : 6 * (start + size)])
 
