@@ -6,6 +6,7 @@ import sqlite3
 import uuid
 from contextlib import closing
 
+import orjson
 import pytest
 import sqlalchemy as sa
 
@@ -260,3 +261,18 @@ def test_statement_parts_cover_every_row_in_few_shapes():
         ]
         assert sum(size for _, size in parts) == rows
         assert all(size <= ROWS_PER_STATEMENT and size & (size - 1) == 0 for _, size in parts)
+
+
+def test_a_write_that_does_not_name_its_connection_takes_the_entitys(catalog):
+    named = write("Database", "db")
+    e = entity("Schema", "db/s")
+    unnamed = EntityWrite("Schema", e["attributes"]["qualifiedName"], orjson.dumps(e).decode(), "h")
+    catalog.upsert([named, unnamed])
+    assert {r["attributes"]["qualifiedName"] for r in catalog.dump(SOURCE)} == {
+        f"{SOURCE}/db",
+        f"{SOURCE}/db/s",
+    }
+
+    nowhere = {"typeName": "Table", "attributes": {"qualifiedName": "x/t"}}
+    with pytest.raises(sa.exc.IntegrityError):
+        catalog.upsert([EntityWrite("Table", "x/t", orjson.dumps(nowhere).decode(), "h")])
