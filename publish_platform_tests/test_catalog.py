@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 import uuid
 from contextlib import closing
 
@@ -276,3 +277,42 @@ def test_a_write_that_does_not_name_its_connection_takes_the_entitys(catalog):
     nowhere = {"typeName": "Table", "attributes": {"qualifiedName": "x/t"}}
     with pytest.raises(sa.exc.IntegrityError):
         catalog.upsert([EntityWrite("Table", "x/t", orjson.dumps(nowhere).decode(), "h")])
+
+
+def test_a_sqlite_catalogs_writes_are_checkpointed_in_a_thread_that_close_stops(tmp_path):
+    """Reading starts no thread; the first write starts one, each write wakes it, close ends it.
+    Whatever it copied is in the database file, which reopens with everything written."""
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    catalog = SqlCatalog(url)
+    assert list(catalog.dump()) == [] and catalog._checkpointer is None
+    writes = [
+        EntityWrite.of(entity("Column", f"db/s/t/c{n}", description="x" * 2000), "h")
+        for n in range(2000)
+    ]
+    catalog.upsert(writes[:1000])
+    checkpointer = catalog._checkpointer
+    assert checkpointer is not None
+    catalog.upsert(writes[1000:])
+    catalog.delete([Identity("Column", writes[0].qualified_name)])
+    deadline = time.monotonic() + 10
+    while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.checkpoints >= 1
+    catalog.close()
+    assert not checkpointer._thread.is_alive() and catalog._checkpointer is None
+
+    again = SqlCatalog(url)
+    try:
+        assert len(again.versions(SOURCE)) == 2000 and len(list(again.dump(SOURCE))) == 1999
+    finally:
+        again.close()
+
+
+def test_a_postgres_or_in_memory_catalog_has_no_checkpointer(make_postgres_database):
+    for url in (make_postgres_database(), "sqlite://", "sqlite:///:memory:"):
+        catalog = SqlCatalog(url)
+        try:
+            catalog.upsert([write("Database", "db")])
+            assert catalog._checkpointer is None
+        finally:
+            catalog.close()

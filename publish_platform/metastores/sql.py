@@ -8,6 +8,8 @@ entity received, which is how tests and operators see that unchanged entities we
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -190,6 +192,57 @@ def new_guids(count: int) -> list[str]:
     return guids
 
 
+class _Checkpointer:
+    """Copies the pages commits append to a SQLite catalog's WAL into its database file, in a
+    thread of its own with a connection of its own.
+
+    SQLite does that itself inside the commit that takes the WAL past 1000 pages, which then also
+    copies 16 MB and waits for two fsyncs: a fifth of a large publish. Woken after every write,
+    this copies while the next chunk is prepared and written (PASSIVE: it neither blocks a writer
+    nor waits for one). SQLite's own checkpoint stays as the backstop, and finds little left to
+    copy. Durability is as before: the WAL is synced before each checkpoint, here sooner.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.checkpoints = 0  # completed by the thread (tests, operators)
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="catalog-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error:
+            return  # SQLite's own checkpoint does the work
+        try:
+            while self._wake.wait() and not self._closing:
+                self._wake.clear()
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    continue  # e.g. another process is checkpointing: the next wake retries
+                self.checkpoints += 1
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+
+
+def _sqlite_file(url: sa.URL) -> str | None:
+    """The database file of a SQLite URL; None for Postgres, memory, or a URI with options."""
+    if url.get_backend_name() != "sqlite" or url.query:
+        return None
+    return url.database if url.database not in (None, "", ":memory:") else None
+
+
 class SqlCatalog:
     def __init__(self, url: str) -> None:
         self.engine = create_catalog_engine(url)
@@ -198,6 +251,17 @@ class SqlCatalog:
         self._dialect = self.engine.dialect.name
         self._mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         self._statements: dict[tuple[str, int], str] = {}
+        # Started by the first write: a catalog opened to read starts no thread.
+        self._checkpointer: _Checkpointer | None = None
+        self._file = _sqlite_file(self.engine.url)
+
+    def _written(self) -> None:
+        """After a write committed: wake the checkpointer (SQLite files only)."""
+        if self._file is None:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self._file)
+        self._checkpointer.wake()
 
     def _statement(self, template: str, width: int, rows: int) -> str:
         """``template`` with ``rows`` rows of ``width`` parameters in its VALUES, in the driver's
@@ -250,6 +314,7 @@ class SqlCatalog:
                     self._statement(_INSERT_EDGES, 4, size),
                     tuple(edges[4 * start : 4 * (start + size)]),
                 )
+        self._written()
         # Every guid is known now: minted, given, or the one the catalog had.
         return WriteResults(columns.type_names, columns.qualified_names, cast(list[str], guids))
 
@@ -355,6 +420,7 @@ class SqlCatalog:
                         updated_at=datetime.now(UTC),
                     )
                 )
+        self._written()
         return [
             WriteResult(
                 i.type_name, i.qualified_name, True, guids.get((i.type_name, i.qualified_name))
@@ -407,4 +473,7 @@ class SqlCatalog:
             return {(r.type_name, r.qualified_name): r.version for r in connection.execute(query)}
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         self.engine.dispose()
