@@ -18,6 +18,7 @@ from publish_platform.metastores.sql import (
     ROWS_PER_STATEMENT,
     SqlCatalog,
     _statement_parts,
+    new_guid,
     new_guids,
 )
 
@@ -252,6 +253,8 @@ def test_new_guids_are_version_7_ascending_and_distinct():
         assert str(parsed) == guid
         assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
     assert new_guids(0) == []
+    one = uuid.UUID(new_guid())
+    assert one.version == 7 and str(one) > guids[-1][:13]  # later or same millisecond
 
 
 def test_statement_parts_cover_every_row_in_few_shapes():

@@ -193,6 +193,11 @@ def new_guids(count: int) -> list[str]:
     return guids
 
 
+def new_guid() -> str:
+    """One time-ordered UUID, as new_guids makes them (for callers minting one at a time)."""
+    return new_guids(1)[0]
+
+
 class _Checkpointer:
     """Copies the pages commits append to a SQLite catalog's WAL into its database file, in a
     thread of its own with a connection of its own.
