@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+import uuid
+from contextlib import closing
+
+import orjson
 import pytest
 import sqlalchemy as sa
 
 from publish_platform.config import Settings
 from publish_platform.metastores import open_metastore
-from publish_platform.metastores.base import EntityWrite, Identity
-from publish_platform.metastores.sql import SqlCatalog
+from publish_platform.metastores.base import EntityWrite, Identity, WriteResult
+from publish_platform.metastores.sql import (
+    ROWS_PER_STATEMENT,
+    SqlCatalog,
+    _statement_parts,
+    new_guid,
+    new_guids,
+)
 
 from .support import SOURCE, entity
 
@@ -126,3 +138,184 @@ def test_reopening_keeps_the_catalog(catalog_url):
         assert count == 1
     finally:
         second.close()
+
+
+def test_a_new_sqlite_catalog_has_16_kib_pages_and_an_existing_one_keeps_its_own(tmp_path):
+    """Large pages make the first publish of a source cheaper; a file made before keeps working."""
+    new, old = tmp_path / "new.sqlite", tmp_path / "old.sqlite"
+    with closing(sqlite3.connect(old)) as connection:
+        connection.execute("PRAGMA page_size=4096")
+        connection.execute("PRAGMA journal_mode=WAL")
+    for path in (new, old):
+        catalog = SqlCatalog(f"sqlite:///{path}")
+        catalog.upsert([write("Database", "db")])
+        assert len(list(catalog.dump(SOURCE))) == 1
+        catalog.close()
+    sizes = {}
+    for path in (new, old):
+        with closing(sqlite3.connect(path)) as connection:
+            sizes[path.name] = connection.execute("PRAGMA page_size").fetchone()[0]
+    assert sizes == {"new.sqlite": 16384, "old.sqlite": 4096}
+
+
+def test_a_chunk_whose_edges_fail_writes_none_of_its_entities(catalog):
+    """Entities and their edges are one transaction: a failed chunk leaves nothing behind."""
+    catalog.upsert([write("Database", "db")])
+    broken = {"attribute": None, "type_name": "Database", "qualified_name": f"{SOURCE}/db"}
+    writes = [
+        write("Database", "db", description="changed"),
+        EntityWrite.of(entity("Schema", "db/s", SOURCE), "hash-s", None, (broken,)),
+    ]
+    with pytest.raises(sa.exc.IntegrityError):
+        catalog.upsert(writes)
+    assert catalog.versions(SOURCE) == {("Database", f"{SOURCE}/db"): 1}
+
+
+def edge(type_name: str, path: str, attribute: str = "parent") -> dict[str, str]:
+    return {"attribute": attribute, "type_name": type_name, "qualified_name": f"{SOURCE}/{path}"}
+
+
+def test_a_chunk_mixing_new_known_and_unrecognised_entities(catalog):
+    """New entities are inserted with minted guids; one the caller has no guid for but the catalog
+    has keeps its guid, gets its version bumped and its edges replaced, like one with a guid."""
+    first = catalog.upsert(
+        [
+            EntityWrite.of(entity("Table", "db/s/a"), "h", None, (edge("Schema", "db/s"),)),
+            EntityWrite.of(entity("Table", "db/s/b"), "h", None, (edge("Schema", "db/s"),)),
+        ]
+    )
+    guid_a, guid_b = (r.guid for r in first)
+    writes = [
+        EntityWrite.of(entity("Table", "db/s/new"), "h", None, (edge("Schema", "db/s"),)),
+        EntityWrite.of(entity("Table", "db/s/a"), "h2", None, (edge("Schema", "db/s2"),)),
+        EntityWrite.of(entity("Table", "db/s/b"), "h2", guid_b, (edge("Schema", "db/s3"),)),
+        EntityWrite.of(entity("Table", "db/s/known"), "h", "00000000-0000-4000-8000-00000000000a"),
+    ]
+    results = catalog.upsert(writes)
+
+    assert [r.ok for r in results] == [True] * 4
+    assert [r.qualified_name for r in results] == [w.qualified_name for w in writes]
+    assert results[-1] == WriteResult(
+        "Table", f"{SOURCE}/db/s/known", True, "00000000-0000-4000-8000-00000000000a"
+    )
+    assert results[1:3] == [results[1], results[2]] and len(results) == 4
+    guids = [r.guid for r in results]
+    assert guids[1:] == [guid_a, guid_b, "00000000-0000-4000-8000-00000000000a"]
+    assert guids[0] not in (guid_a, guid_b) and len(guids[0]) == 36
+    assert {e["attributes"]["qualifiedName"]: e["guid"] for e in catalog.dump(SOURCE)} == {
+        w.qualified_name: guid for w, guid in zip(writes, guids, strict=True)
+    }
+    assert catalog.versions(SOURCE) == {
+        ("Table", f"{SOURCE}/db/s/new"): 1,
+        ("Table", f"{SOURCE}/db/s/a"): 2,
+        ("Table", f"{SOURCE}/db/s/b"): 2,
+        ("Table", f"{SOURCE}/db/s/known"): 1,
+    }
+    assert catalog.relationships(SOURCE) == {
+        ("Table", f"{SOURCE}/db/s/new", "parent", "Schema", f"{SOURCE}/db/s"),
+        ("Table", f"{SOURCE}/db/s/a", "parent", "Schema", f"{SOURCE}/db/s2"),
+        ("Table", f"{SOURCE}/db/s/b", "parent", "Schema", f"{SOURCE}/db/s3"),
+    }
+
+
+def test_a_reference_listed_twice_is_one_edge(catalog):
+    twice = (edge("Schema", "db/s"), edge("Schema", "db/s"), edge("Schema", "db/s", "other"))
+    catalog.upsert([EntityWrite.of(entity("Table", "db/s/t"), "h", None, twice)])
+    assert catalog.relationships(SOURCE) == {
+        ("Table", f"{SOURCE}/db/s/t", "parent", "Schema", f"{SOURCE}/db/s"),
+        ("Table", f"{SOURCE}/db/s/t", "other", "Schema", f"{SOURCE}/db/s"),
+    }
+
+
+def test_a_chunk_larger_than_one_statement(catalog):
+    """Rows go in statements of ROWS_PER_STATEMENT, then of halving sizes: none is lost."""
+    count = ROWS_PER_STATEMENT + 300
+    writes = [
+        EntityWrite.of(entity("Column", f"db/s/t/c{n}"), "h", None, (edge("Table", "db/s/t"),))
+        for n in range(count)
+    ]
+    results = catalog.upsert(writes)
+    assert len({r.guid for r in results}) == count
+    assert len(catalog.versions(SOURCE)) == count
+    assert len(catalog.relationships(SOURCE)) == count
+    again = catalog.upsert(writes)
+    assert [r.guid for r in again] == [r.guid for r in results]
+    assert set(catalog.versions(SOURCE).values()) == {2}
+    assert len(catalog.relationships(SOURCE)) == count
+
+
+def test_new_guids_are_version_7_ascending_and_distinct():
+    guids = new_guids(2000)
+    assert guids == sorted(guids)
+    assert len(set(guids)) == 2000
+    for guid in guids:
+        parsed = uuid.UUID(guid)
+        assert str(parsed) == guid
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert new_guids(0) == []
+    one = uuid.UUID(new_guid())
+    assert one.version == 7 and str(one) > guids[-1][:13]  # later or same millisecond
+
+
+def test_statement_parts_cover_every_row_in_few_shapes():
+    for rows in (0, 1, 7, 500, ROWS_PER_STATEMENT, 3 * ROWS_PER_STATEMENT + 1):
+        parts = list(_statement_parts(rows))
+        assert [start for start, _ in parts] == [
+            sum(size for _, size in parts[:n]) for n in range(len(parts))
+        ]
+        assert sum(size for _, size in parts) == rows
+        assert all(size <= ROWS_PER_STATEMENT and size & (size - 1) == 0 for _, size in parts)
+
+
+def test_a_write_that_does_not_name_its_connection_takes_the_entitys(catalog):
+    named = write("Database", "db")
+    e = entity("Schema", "db/s")
+    unnamed = EntityWrite("Schema", e["attributes"]["qualifiedName"], orjson.dumps(e).decode(), "h")
+    catalog.upsert([named, unnamed])
+    assert {r["attributes"]["qualifiedName"] for r in catalog.dump(SOURCE)} == {
+        f"{SOURCE}/db",
+        f"{SOURCE}/db/s",
+    }
+
+    nowhere = {"typeName": "Table", "attributes": {"qualifiedName": "x/t"}}
+    with pytest.raises(sa.exc.IntegrityError):
+        catalog.upsert([EntityWrite("Table", "x/t", orjson.dumps(nowhere).decode(), "h")])
+
+
+def test_a_sqlite_catalogs_writes_are_checkpointed_in_a_thread_that_close_stops(tmp_path):
+    """Reading starts no thread; the first write starts one, each write wakes it, close ends it.
+    Whatever it copied is in the database file, which reopens with everything written."""
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    catalog = SqlCatalog(url)
+    assert list(catalog.dump()) == [] and catalog._checkpointer is None
+    writes = [
+        EntityWrite.of(entity("Column", f"db/s/t/c{n}", description="x" * 2000), "h")
+        for n in range(2000)
+    ]
+    catalog.upsert(writes[:1000])
+    checkpointer = catalog._checkpointer
+    assert checkpointer is not None
+    catalog.upsert(writes[1000:])
+    catalog.delete([Identity("Column", writes[0].qualified_name)])
+    deadline = time.monotonic() + 10
+    while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.checkpoints >= 1
+    catalog.close()
+    assert not checkpointer._thread.is_alive() and catalog._checkpointer is None
+
+    again = SqlCatalog(url)
+    try:
+        assert len(again.versions(SOURCE)) == 2000 and len(list(again.dump(SOURCE))) == 1999
+    finally:
+        again.close()
+
+
+def test_a_postgres_or_in_memory_catalog_has_no_checkpointer(make_postgres_database):
+    for url in (make_postgres_database(), "sqlite://", "sqlite:///:memory:"):
+        catalog = SqlCatalog(url)
+        try:
+            catalog.upsert([write("Database", "db")])
+            assert catalog._checkpointer is None
+        finally:
+            catalog.close()

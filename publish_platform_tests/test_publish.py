@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import orjson
 import polars as pl
 import pytest
 
@@ -261,3 +262,79 @@ def test_an_interrupted_execution_resumes_in_plan_order_from_its_checkpoint(cata
     final = execute_plan(plan.operations, again, chunk_size=8, checkpoint=checkpoint)
     assert again.applied == [] and final.resumed == 38 and final.failed == 1
     assert final.results.equals(outcome.results)
+
+
+class EntityByEntityMetastore:
+    """A metastore that reads the writes one EntityWrite at a time (as Atlan's does)."""
+
+    def __init__(self) -> None:
+        self.seen: list[EntityWrite] = []
+
+    def upsert(self, entities: Sequence[EntityWrite]) -> list[WriteResult]:
+        self.seen.extend(entities)
+        assert entities[1:3] == [entities[1], entities[2]] and entities[-1] == self.seen[-1]
+        return [
+            WriteResult(e.type_name, e.qualified_name, True, f"g-{e.qualified_name}")
+            for e in entities
+        ]
+
+    def delete(self, identities: Sequence[Identity], purge: bool = False) -> list[WriteResult]:
+        return [WriteResult(i.type_name, i.qualified_name, True, i.guid) for i in identities]
+
+
+def test_a_metastore_reading_entity_by_entity_gets_each_write_whole():
+    """Chunks travel as columns; read one by one they are the EntityWrite objects of the plan."""
+    operations = first_plan().operations
+    metastore = EntityByEntityMetastore()
+
+    outcome = execute_plan(operations, metastore, chunk_size=8, source=UPSTREAM_SOURCE)
+
+    assert outcome.failed == 0
+    expected = [
+        EntityWrite(
+            row["type_name"],
+            row["qualified_name"],
+            row["entity"],
+            row["hash"],
+            row["guid"],
+            tuple(row["references"] or ()),
+            UPSTREAM_SOURCE,
+        )
+        for row in operations.iter_rows(named=True)
+    ]
+    assert metastore.seen == expected
+    assert any(w.references for w in metastore.seen)
+    assert metastore.seen[0].entity == orjson.loads(operations.item(0, "entity"))
+
+
+def test_references_travel_with_their_entity_through_splits_and_resumes(catalog):
+    """A chunk's references are a slice of the plan's: they stay with their entities when a
+    chunk splits around a failure and when a resumed publish starts part-way."""
+    plan = first_plan()
+    poison = qn("sales/orders/amount")
+    checkpoint = MemoryCheckpoint()
+    with pytest.raises(Killed):
+        execute_plan(
+            plan.operations,
+            RecordingMetastore(catalog, {poison}, die_at=1),
+            chunk_size=5,
+            checkpoint=checkpoint,
+        )
+    outcome = execute_plan(
+        plan.operations, PoisonMetastore(catalog, {poison}), chunk_size=5, checkpoint=checkpoint
+    )
+
+    assert outcome.resumed == 5 and outcome.split_chunks > 0 and outcome.failed == 1
+    expected = {
+        (
+            row["type_name"],
+            row["qualified_name"],
+            r["attribute"],
+            r["type_name"],
+            r["qualified_name"],
+        )
+        for row in plan.operations.iter_rows(named=True)
+        if row["qualified_name"] != poison
+        for r in row["references"] or ()
+    }
+    assert expected and catalog.relationships(UPSTREAM_SOURCE) == expected
