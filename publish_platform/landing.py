@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from publish_platform.config import S3Location
 
 if TYPE_CHECKING:  # imported where used: discovery and ordering need no polars
-    from publish_platform.entities import KnownLines, ParsedEntities
+    from publish_platform.entities import HashIndex, ParsedEntities
 
 MANIFEST_NAME = "publish-request.json"
 SIDECAR_SUFFIX = ".sha256"
@@ -471,7 +471,7 @@ def stream_file(s3: Any, bucket: str, file: LandedFile, sha256s: dict[str, str])
 
 
 def parse_batch(
-    s3: Any, batch: LandedBatch, volatile: Iterable[str], known_raw: KnownLines | None = None
+    s3: Any, batch: LandedBatch, volatile: Iterable[str], known_raw: HashIndex | None = None
 ) -> tuple[ParsedEntities, list[BatchProblem]]:
     """Parse the data files of a batch that ``read_batch`` found no problem with, and verify
     them on the same single read of each file: its sha256 against its sidecar and the manifest,
