@@ -15,18 +15,20 @@ One run folder is one batch and one Dagster partition, keyed ``<app>/<workflow_i
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from publish_platform.config import S3Location
+
+if TYPE_CHECKING:  # imported where used: discovery and ordering need no polars
+    from publish_platform.entities import HashIndex, ParsedEntities
 
 MANIFEST_NAME = "publish-request.json"
 SIDECAR_SUFFIX = ".sha256"
@@ -334,19 +336,25 @@ class BatchProblem:
     message: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class LandedFile:
+    """A data file of a batch, not read yet: its content is streamed once, as it is parsed
+    (``parse_batch``), never held whole."""
+
     key: str
     relative_key: str
-    data: bytes
-    sha256: str
+    size: int
+    sidecar_sha256: str | None = None  # what its .sha256 sidecar says ('' if blank); None: none
 
 
 @dataclass
 class LandedBatch:
-    """A run folder's data files, verified, plus what its manifest (if any) says."""
+    """A run folder's data files and what its manifest (if any) says, with every problem that
+    can be known without reading the data; checksums and record counts are verified as the
+    data is read (``parse_batch``)."""
 
     run: RunRef
+    bucket: str
     prefix: str
     files: list[LandedFile]
     manifest: PublishRequest | None
@@ -359,10 +367,13 @@ class LandedBatch:
 
 
 def read_batch(s3: Any, landing: S3Location, run: RunRef) -> LandedBatch:
-    """Read and verify a run folder: manifest, every data file, every checksum.
+    """Read a run folder's listing, manifest and sidecars, but not its data files: what is wrong
+    with the batch short of its data (unsafe keys, a rejected manifest, an unsuccessful run,
+    files missing from or not listed in the manifest, no data) is known before a byte of data is
+    read, so such a batch never pays for reading it.
 
-    Any problem found here concerns the whole batch: it is returned in ``problems`` and the batch
-    is then never published, not even in part.
+    Any problem concerns the whole batch: it is returned in ``problems`` and the batch is then
+    never published, not even in part.
     """
     listing = list_run(s3, landing, run)
     problems: list[BatchProblem] = []
@@ -392,58 +403,44 @@ def read_batch(s3: Any, landing: S3Location, run: RunRef) -> LandedBatch:
                     BatchProblem("skipped", f"workflow run status is {manifest.status}")
                 )
 
-    files: list[LandedFile] = []
-    for obj in listing.data_files:
-        data = read_object(s3, landing.bucket, obj.key)
-        digest = hashlib.sha256(data).hexdigest()
-        sidecar = listing.sidecars.get(obj.key)
-        if sidecar is not None:
-            expected = read_object(s3, landing.bucket, sidecar.key).decode("ascii", "replace")
-            expected = expected.strip().split()[0].lower() if expected.strip() else ""
-            if expected != digest:
-                problems.append(
-                    BatchProblem(
-                        "checksum_mismatch",
-                        f"{obj.key[len(listing.prefix) :]}: sha256 {digest} but sidecar says"
-                        f" {expected or '(empty)'}",
-                    )
-                )
-        files.append(LandedFile(obj.key, obj.key[len(listing.prefix) :], data, digest))
-
+    files = [
+        LandedFile(
+            obj.key,
+            obj.key[len(listing.prefix) :],
+            obj.size,
+            _read_sidecar(s3, landing.bucket, listing.sidecars[obj.key])
+            if obj.key in listing.sidecars
+            else None,
+        )
+        for obj in listing.data_files
+    ]
     if manifest is not None and manifest.files is not None:
-        problems.extend(_verify_manifest_files(manifest, files))
+        problems.extend(_verify_manifest_listing(manifest, files))
     if not files and not any(p.kind in ("rejected_manifest", "skipped") for p in problems):
         problems.append(BatchProblem("no_data", "run folder has no transformed/**/*.json data"))
-    return LandedBatch(run, listing.prefix, files, manifest, problems, listing.last_modified)
+    return LandedBatch(
+        run, landing.bucket, listing.prefix, files, manifest, problems, listing.last_modified
+    )
 
 
-def _verify_manifest_files(manifest: PublishRequest, files: list[LandedFile]) -> list[BatchProblem]:
-    by_path = {f.relative_key: f for f in files}
-    problems: list[BatchProblem] = []
-    listed = set()
-    for entry in manifest.files or []:
-        listed.add(entry.path)
-        landed = by_path.get(entry.path)
-        if landed is None:
-            problems.append(BatchProblem("count_mismatch", f"manifest lists missing {entry.path}"))
-            continue
-        if entry.sha256 and entry.sha256.lower() != landed.sha256:
-            problems.append(
-                BatchProblem(
-                    "checksum_mismatch",
-                    f"{entry.path}: sha256 {landed.sha256} but manifest says {entry.sha256}",
-                )
-            )
-        if entry.records is not None:
-            lines = count_records(landed.data)
-            if lines != entry.records:
-                problems.append(
-                    BatchProblem(
-                        "count_mismatch",
-                        f"{entry.path}: {lines} records but manifest says {entry.records}",
-                    )
-                )
-    unlisted = sorted(set(by_path) - listed)
+def _read_sidecar(s3: Any, bucket: str, sidecar: ObjectInfo) -> str:
+    """The sha256 a ``.sha256`` sidecar states (its first word, as sha256sum writes it)."""
+    text = read_object(s3, bucket, sidecar.key).decode("ascii", "replace")
+    return text.strip().split()[0].lower() if text.strip() else ""
+
+
+def _verify_manifest_listing(
+    manifest: PublishRequest, files: list[LandedFile]
+) -> list[BatchProblem]:
+    """Files the manifest lists that did not land, and data files it does not list."""
+    landed = {f.relative_key for f in files}
+    listed = {entry.path for entry in manifest.files or []}
+    problems = [
+        BatchProblem("count_mismatch", f"manifest lists missing {entry.path}")
+        for entry in manifest.files or []
+        if entry.path not in landed
+    ]
+    unlisted = sorted(landed - listed)
     if unlisted:
         problems.append(
             BatchProblem("count_mismatch", f"data files not in the manifest: {', '.join(unlisted)}")
@@ -451,9 +448,93 @@ def _verify_manifest_files(manifest: PublishRequest, files: list[LandedFile]) ->
     return problems
 
 
-def count_records(data: bytes) -> int:
-    """Non-blank lines of a JSON-lines file (one line at a time: no list of them all)."""
-    return sum(1 for line in io.BytesIO(data) if line.strip())
+PIECE_BYTES = 8 * 1024 * 1024  # a data file is read from S3 this many bytes at a time
+
+
+def stream_file(s3: Any, bucket: str, file: LandedFile, sha256s: dict[str, str]) -> Iterator[bytes]:
+    """The file's content in pieces as S3 streams its body (one piece held at a time), hashed on
+    the way: ``sha256s[file.relative_key]`` is set once the whole body has gone by.
+
+    The object is requested when the first piece is asked for. An S3 error, at the request or in
+    the middle of the body (a reset connection, a body shorter than announced), is raised as it
+    comes, as ``read_object`` raises it: the step fails, and its retry reads the batch again.
+    """
+    digest = hashlib.sha256()
+    body = s3.get_object(Bucket=bucket, Key=file.key)["Body"]
+    try:
+        for piece in body.iter_chunks(PIECE_BYTES):
+            digest.update(piece)  # releases the GIL for large pieces
+            yield piece
+    finally:
+        body.close()
+    sha256s[file.relative_key] = digest.hexdigest()
+
+
+def parse_batch(
+    s3: Any, batch: LandedBatch, volatile: Iterable[str], known_raw: HashIndex | None = None
+) -> tuple[ParsedEntities, list[BatchProblem]]:
+    """Parse the data files of a batch that ``read_batch`` found no problem with, and verify
+    them on the same single read of each file: its sha256 against its sidecar and the manifest,
+    its lines against the manifest's record count.
+
+    The parsed entities are only good if no problem is returned: otherwise the batch is
+    quarantined and they are discarded, so nothing of it is published.
+    """
+    from publish_platform.entities import parse_files
+
+    if batch.problems:
+        raise ValueError(f"batch {batch.run.partition_key} is not publishable: not read")
+    sha256s: dict[str, str] = {}
+    parsed = parse_files(
+        ((f.relative_key, stream_file(s3, batch.bucket, f, sha256s)) for f in batch.files),
+        volatile,
+        known_raw=known_raw,
+    )
+    return parsed, verify_data(batch, sha256s, parsed.lines_by_file)
+
+
+def verify_data(
+    batch: LandedBatch, sha256s: dict[str, str], records: dict[str, int]
+) -> list[BatchProblem]:
+    """What only the data can tell: a sha256 that differs from its sidecar's or the manifest's,
+    a record count that differs from the manifest's.
+
+    ``sha256s``: the sha256 of every data file, by relative key, computed over the whole of it;
+    ``records``: non-blank lines by relative key (a file without any may be absent), as
+    ``parse_files`` counts them in ``lines_by_file``.
+    """
+    problems: list[BatchProblem] = []
+    for landed in batch.files:
+        digest, expected = sha256s[landed.relative_key], landed.sidecar_sha256
+        if expected is not None and expected != digest:
+            problems.append(
+                BatchProblem(
+                    "checksum_mismatch",
+                    f"{landed.relative_key}: sha256 {digest} but sidecar says"
+                    f" {expected or '(empty)'}",
+                )
+            )
+    listed = batch.manifest.files if batch.manifest is not None else None
+    for entry in listed or []:
+        digest = sha256s.get(entry.path)
+        if digest is None:
+            continue  # listed but missing: found by read_batch
+        if entry.sha256 and entry.sha256.lower() != digest:
+            problems.append(
+                BatchProblem(
+                    "checksum_mismatch",
+                    f"{entry.path}: sha256 {digest} but manifest says {entry.sha256}",
+                )
+            )
+        lines = records.get(entry.path, 0)
+        if entry.records is not None and lines != entry.records:
+            problems.append(
+                BatchProblem(
+                    "count_mismatch",
+                    f"{entry.path}: {lines} records but manifest says {entry.records}",
+                )
+            )
+    return problems
 
 
 def _summarize_validation(exc: ValidationError) -> str:

@@ -25,8 +25,8 @@ from publish_platform.diff import (
     open_snapshot,
     recognisable,
 )
-from publish_platform.entities import EntityIssue, parse_files
-from publish_platform.landing import BatchProblem, RunRef, read_batch
+from publish_platform.entities import EntityIssue
+from publish_platform.landing import BatchProblem, RunRef, parse_batch, read_batch
 from publish_platform.metastores.base import Metastore
 from publish_platform.plan import (
     ISOLATED_SCHEMA,
@@ -137,11 +137,10 @@ def run_diff(
         if published is not None and not force:
             snapshot = open_snapshot(state, summary.source, published.serial)
             known = recognisable(snapshot)
-        parsed = parse_files(
-            ((f.relative_key, f.data) for f in batch.files),
-            settings.volatile_attributes,
-            known_raw=known,
-        )
+        # Each data file is streamed from S3 once, parsed and verified on the same read; a batch
+        # that fails verification is quarantined below, and what was parsed of it discarded.
+        parsed, problems = parse_batch(s3, batch, settings.volatile_attributes, known_raw=known)
+    if parsed is not None and not problems:
         if summary.source is None:
             derived = derive_source(parsed)
             if isinstance(derived, str):

@@ -10,6 +10,8 @@ expression on the unquoted path and query), in which case it can:
   forwarding;
 - ``reset``: reset the connection without forwarding (the request never reached S3);
 - ``lost``: forward, then reset the connection (the write happened, its answer never came back);
+- ``cut``: forward, answer the status, the headers and half the body, then reset the connection
+  (a read whose connection broke in the middle of the body);
 - ``delay``: wait, then forward (slowness);
 - ``hold``: park the request until the test releases it — forwarded, or dropped with a reset —
   so that the test can act (kill the worker that sent it) while a step is in a known place.
@@ -34,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 from publish_platform.local_s3 import free_port
 
-Action = Literal["error", "reset", "lost", "delay", "hold"]
+Action = Literal["error", "reset", "lost", "cut", "delay", "hold"]
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
 
 
@@ -204,7 +206,10 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             finally:
                 upstream.close()
 
-        def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+        def _answer(
+            self, status: int, headers: list[tuple[str, str]], data: bytes, cut: bool = False
+        ) -> None:
+            """Answer as S3 did; ``cut``: only the first half of the body is sent."""
             head = self.command == "HEAD"  # keeps the object's Content-Length, sends no body
             self.send_response(status)
             for name, value in headers:
@@ -216,7 +221,7 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if not head:
-                self.wfile.write(data)
+                self.wfile.write(data[: len(data) // 2] if cut else data)
 
         def _handle(self) -> None:
             target = unquote(self.path)
@@ -250,6 +255,11 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return
             if action == "lost":
                 proxy._record(self.command, target, f"lost {status}")
+                self._reset()
+                return
+            if action == "cut":
+                proxy._record(self.command, target, f"cut {status}")
+                self._answer(status, headers, data, cut=True)
                 self._reset()
                 return
             proxy._record(self.command, target, f"{action} {status}")

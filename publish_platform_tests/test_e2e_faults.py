@@ -7,6 +7,7 @@ Every fault ends the same way: the batch is COMPLETE, or dead-lettered with a re
 catalog in agreement (identities and content hashes) with the batch published last.
 
 - S3: read errors (503 SlowDown within boto3's retries; 403 for good → dead letter, then requeue),
+  a data file's connection broken in the middle of its body (tier 2),
   write errors beyond boto3's retries (tier 2), connection resets, a conditional write whose
   answer was lost, slowness, failing listings under the landing sensor.
 - The catalog's Postgres restarted in the middle of a publish (tiers 1 and 2, resume).
@@ -61,6 +62,7 @@ PLATFORM_ENV = {
     "PUBLISH_PLATFORM_SCHEDULED_RELAUNCHES": "0",
     "PUBLISH_PLATFORM_CHUNK_SIZE": "50",
 }
+DATA_FILE = "transformed/entities/entities.json"  # what load.land_load writes per batch
 FINAL = {
     PublishStatus.COMPLETE,
     PublishStatus.DEAD_LETTERED,
@@ -226,6 +228,10 @@ def test_s3_and_catalog_faults_and_kill_9_in_each_step(faulty: FaultyPlatform) -
     faults = {
         # read errors within boto3's own retries (6 attempts in all)
         "read": proxy.add(data("s3-transient"), "error", "GET", times=2),
+        # the data file's connection broken mid-body: the diff step fails and tier 2 retries it
+        "cut": proxy.add(
+            exactly(landing.bucket, transient.run.prefix(landing) + DATA_FILE), "cut", "GET"
+        ),
         # write errors beyond them: the step fails and tier 2 retries it
         "write": proxy.add(
             stored("s3-transient", "plan.parquet"),
@@ -294,11 +300,13 @@ def test_s3_and_catalog_faults_and_kill_9_in_each_step(faulty: FaultyPlatform) -
         faulty.verify(batch[name], published=found.status == PublishStatus.COMPLETE)
 
     hits = {name: fault.hits for name, fault in faults.items()}
-    assert hits["read"] == 2 and hits["write"] == 6 and hits["reset"] == 2, hits
+    assert hits["read"] == 2 and hits["cut"] == 1, hits
+    assert hits["write"] == 6 and hits["reset"] == 2, hits
     assert hits["lost"] == 1 and hits["slow"] > 10 and hits["listing"] == 1, hits
     assert any("ListObjectsV2" in error for error in failed_ticks(platform, "landing_sensor"))
     absorbed = states["s3-transient"]
     events = step_events(platform, absorbed.dagster_run_id)
+    assert ("STEP_UP_FOR_RETRY", "diff") in events, events  # the cut read, by tier 2
     assert ("STEP_UP_FOR_RETRY", "plan") in events, events  # the write errors, by tier 2
     # The lost answer was recognised as the pointer's own commit: no retry, counted right.
     history = retry_history(platform.instance, transient.run.partition_key)

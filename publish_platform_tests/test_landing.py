@@ -7,14 +7,15 @@ from datetime import timedelta
 
 import pytest
 
-from publish_platform.entities import parse_files
 from publish_platform.landing import (
     InvalidRunFolder,
+    LandedBatch,
     RunRef,
     assess_readiness,
     discover,
     is_data_file,
     list_run,
+    parse_batch,
     read_batch,
     unsafe_path,
 )
@@ -48,6 +49,15 @@ def kinds(batch) -> list[str]:
     return sorted(p.kind for p in batch.problems)
 
 
+def verified(s3, landing, run) -> LandedBatch:
+    """The batch as the diff step sees it: read_batch's problems or, if it found none, those
+    found on streaming and parsing its data (checksums, record counts)."""
+    batch = read_batch(s3, landing, run)
+    if batch.publishable:
+        batch.problems.extend(parse_batch(s3, batch, ())[1])
+    return batch
+
+
 # --- layouts ---------------------------------------------------------------------------------
 
 
@@ -69,8 +79,10 @@ def test_sdk3_layout_with_real_sidecars_reads_only_transformed_json(s3, settings
     assert batch.publishable
     assert batch.manifest is None
     assert [f.relative_key for f in batch.files] == SDK3_DATA
-    assert all(f.sha256 == sha256(f.data) for f in batch.files)
-    parsed = parse_files(((f.relative_key, f.data) for f in batch.files), ())
+    assert [f.sidecar_sha256 for f in batch.files] == [sha256(files[k]) for k in SDK3_DATA]
+    assert [f.size for f in batch.files] == [len(files[k]) for k in SDK3_DATA]
+    parsed, problems = parse_batch(s3, batch, ())
+    assert problems == []  # every sidecar matches the data as streamed
     assert parsed.issues == []
     assert parsed.frame.height == UPSTREAM_ENTITIES
     assert set(parsed.frame["connection_qualified_name"]) == {UPSTREAM_SOURCE}
@@ -104,7 +116,8 @@ def test_sdk2_layout_chunks_are_data_and_statistics_are_ignored(s3, settings):
         "transformed/Table/chunk-0-part1.json",
         "transformed/Table/chunk-1-part1.json",
     ]
-    parsed = parse_files(((f.relative_key, f.data) for f in batch.files), ())
+    parsed, problems = parse_batch(s3, batch, ())
+    assert problems == []
     assert parsed.issues == []
     assert parsed.frame.height == len(entities)
 
@@ -189,11 +202,15 @@ def test_sidecar_mismatch_makes_the_whole_batch_unpublishable(s3, settings):
     files["transformed/schema/entities.json.sha256"] = b"0" * 64 + b"  entities.json\n"
     land(s3, landing, UPSTREAM_REF, files)
 
-    batch = read_batch(s3, landing, UPSTREAM_REF)
+    assert read_batch(s3, landing, UPSTREAM_REF).publishable  # not known before the data is read
+    batch = verified(s3, landing, UPSTREAM_REF)
 
     assert kinds(batch) == ["checksum_mismatch"]
     assert not batch.publishable
-    assert "transformed/schema/entities.json" in batch.problems[0].message
+    data = files["transformed/schema/entities.json"]
+    assert batch.problems[0].message == (
+        f"transformed/schema/entities.json: sha256 {sha256(data)} but sidecar says {'0' * 64}"
+    )
 
 
 def test_tampered_data_file_is_caught_by_its_real_sidecar(s3, settings):
@@ -201,7 +218,7 @@ def test_tampered_data_file_is_caught_by_its_real_sidecar(s3, settings):
     files = upstream_files()
     files["transformed/database/entities.json"] += b'{"typeName":"Database"}\n'
     land(s3, landing, UPSTREAM_REF, files)
-    assert kinds(read_batch(s3, landing, UPSTREAM_REF)) == ["checksum_mismatch"]
+    assert kinds(verified(s3, landing, UPSTREAM_REF)) == ["checksum_mismatch"]
 
 
 def test_manifest_with_matching_files_counts_and_checksums_is_accepted(s3, settings):
@@ -218,7 +235,7 @@ def test_manifest_with_matching_files_counts_and_checksums_is_accepted(s3, setti
     )
     land(s3, landing, UPSTREAM_REF, data, manifest=manifest)
 
-    batch = read_batch(s3, landing, UPSTREAM_REF)
+    batch = verified(s3, landing, UPSTREAM_REF)
 
     assert batch.problems == []
     assert batch.manifest is not None
@@ -278,22 +295,36 @@ def test_unsuccessful_workflow_run_is_skipped(s3, settings, status):
     assert status in batch.problems[0].message
 
 
-def test_manifest_counts_that_do_not_match_the_data(s3, settings):
+def test_manifest_files_missing_or_unlisted_are_found_without_reading_data(s3, settings):
     landing = settings.landing_location
     data = upstream_data()
     listed = [{"path": key, "records": len(value.splitlines())} for key, value in data.items()]
-    listed[0]["records"] += 1  # column: 25 lines, manifest says 26
     listed.append({"path": "transformed/view/entities.json", "records": 1})  # never landed
     unlisted = listed.pop(1)["path"]  # database file landed but not listed
     land(s3, landing, UPSTREAM_REF, data, manifest=manifest_for(UPSTREAM_REF, files=listed))
 
     batch = read_batch(s3, landing, UPSTREAM_REF)
 
-    assert kinds(batch) == ["count_mismatch"] * 3
-    messages = " | ".join(p.message for p in batch.problems)
-    assert "transformed/column/entities.json: 25 records but manifest says 26" in messages
-    assert "missing transformed/view/entities.json" in messages
-    assert f"not in the manifest: {unlisted}" in messages
+    assert kinds(batch) == ["count_mismatch"] * 2
+    assert [p.message for p in batch.problems] == [
+        "manifest lists missing transformed/view/entities.json",
+        f"data files not in the manifest: {unlisted}",
+    ]
+
+
+def test_manifest_counts_that_do_not_match_the_data(s3, settings):
+    landing = settings.landing_location
+    data = upstream_data()
+    listed = [{"path": key, "records": len(value.splitlines())} for key, value in data.items()]
+    listed[0]["records"] += 1  # column: 25 lines, manifest says 26
+    land(s3, landing, UPSTREAM_REF, data, manifest=manifest_for(UPSTREAM_REF, files=listed))
+
+    batch = verified(s3, landing, UPSTREAM_REF)
+
+    assert kinds(batch) == ["count_mismatch"]
+    assert batch.problems[0].message == (
+        "transformed/column/entities.json: 25 records but manifest says 26"
+    )
 
 
 def test_manifest_checksum_mismatch(s3, settings):
@@ -302,9 +333,12 @@ def test_manifest_checksum_mismatch(s3, settings):
     listed = [{"path": key, "sha256": sha256(value)} for key, value in data.items()]
     listed[2]["sha256"] = "f" * 64
     land(s3, landing, UPSTREAM_REF, data, manifest=manifest_for(UPSTREAM_REF, files=listed))
-    batch = read_batch(s3, landing, UPSTREAM_REF)
+    batch = verified(s3, landing, UPSTREAM_REF)
     assert kinds(batch) == ["checksum_mismatch"]
-    assert listed[2]["path"] in batch.problems[0].message
+    path = listed[2]["path"]
+    assert batch.problems[0].message == (
+        f"{path}: sha256 {sha256(data[path])} but manifest says {'f' * 64}"
+    )
 
 
 def test_run_folder_without_transformed_data_is_no_data(s3, settings):
