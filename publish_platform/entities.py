@@ -208,13 +208,15 @@ class HashIndex:
     def __init__(self, high: np.ndarray, low: np.ndarray) -> None:
         """One 128-bit hash per row, as its high and low 64 bits (``halves``); rows without a
         hash are left out by the caller, so ``rows`` says which row each sorted hash is."""
-        order = np.lexsort((low, high))  # in numpy: no copy of the snapshot's columns is kept
+        # Sorted by the high half only, on polars' threads (a quarter of numpy's lexsort of both
+        # halves): a lookup compares both halves with every entry of its bucket anyway.
+        order = pl.Series(high, dtype=pl.UInt64).arg_sort().to_numpy()
         self.high, self.low, self.rows = high[order], low[order], order.astype(np.uint32)
         bits = max(1, len(self.rows).bit_length())  # about one hash per bucket, or none
         self.shift = np.uint64(64 - bits)
-        self.starts = np.searchsorted(
-            self.high >> self.shift, np.arange(2**bits + 1, dtype=np.uint64)
-        ).astype(np.uint32)
+        per_bucket = np.bincount((self.high >> self.shift).astype(np.int64), minlength=2**bits)
+        self.starts = np.zeros(2**bits + 1, dtype=np.uint32)
+        np.cumsum(per_bucket, out=self.starts[1:])
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -11,6 +11,7 @@ import pytest
 
 from publish_platform.entities import (
     MAX_DEPTH,
+    HashIndex,
     canonical_json,
     content_hash,
     parse_files,
@@ -233,3 +234,34 @@ def test_references_of_real_fixture_in_parsed_frame():
     ]
     assert refs[("Database", "default/postgres/1745501106/shopdb")] == []
     assert sum(len(r) for r in refs.values()) == 37  # every entity but the database has a parent
+
+
+def test_hash_index_finds_every_hash_exactly_even_when_high_halves_collide() -> None:
+    """Uniform hashes, hashes sharing their high half (one bucket, sorted by that half only),
+    an unknown hash, a null and an empty index."""
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(7)
+    high = np.concatenate(
+        [rng.integers(0, 2**63, 5000, dtype=np.uint64), np.full(4, 2**62, dtype=np.uint64)]
+    )
+    low = np.concatenate(
+        [rng.integers(0, 2**63, 5000, dtype=np.uint64), np.array([9, 3, 7, 1], dtype=np.uint64)]
+    )
+    index = HashIndex(high, low)
+
+    def as_hashes(high: np.ndarray, low: np.ndarray) -> pl.Series:
+        frame = pl.DataFrame({"high": high, "low": low})
+        return frame.select(pl.col("high").cast(pl.UInt128) * 2**64 + pl.col("low")).to_series()
+
+    order = rng.permutation(len(high))
+    assert (index.find(as_hashes(high[order], low[order])) == order).all()
+    probes = as_hashes(np.array([2**62, 5], dtype=np.uint64), np.array([8, 5], dtype=np.uint64))
+    assert index.find(pl.concat([probes, pl.Series([None], dtype=pl.UInt128)])).tolist() == [
+        -1,
+        -1,
+        -1,
+    ]
+    empty = HashIndex(np.array([], dtype=np.uint64), np.array([], dtype=np.uint64))
+    assert empty.find(probes).tolist() == [-1, -1]
