@@ -127,7 +127,9 @@ def references_of(attributes: dict) -> list[dict[str, str]]:
     return refs
 
 
-BLOCK_BYTES = 8 * 1024 * 1024  # lines are scanned this many bytes at a time: memory stays flat
+# Lines are scanned this many bytes at a time: memory stays flat. (Each block costs polars a
+# query of its own: at 8 MiB that overhead made the pass a quarter slower.)
+BLOCK_BYTES = 16 * 1024 * 1024
 
 
 class RawHasher:
