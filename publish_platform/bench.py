@@ -509,8 +509,13 @@ def run_bench(
     keep: Path | None = None,
     sensor_runs: int = 0,
     latency_batches: int = 0,
+    rounds: int = 3,
 ) -> dict:
-    """All measurements on one set of generated batches; the JSON the bench command prints."""
+    """All measurements on one set of generated batches; the JSON the bench command prints.
+
+    The parse floor, the naive baseline and diff + plan are measured ``rounds`` times, one after
+    the other in each round, and compared by their medians: on a shared machine a slow spell
+    then slows a round of all three, not one of them."""
     with tempfile.TemporaryDirectory(prefix="publish-bench-") as scratch:
         folder = keep or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
@@ -518,9 +523,11 @@ def run_bench(
         shares = write_versions(folder, entities, changes, seed)
         generate_s = time.perf_counter() - started
         _run_phase("prepare", folder)
-        floor = _run_phase("parse_floor", folder)
-        naive = _run_phase("naive", folder)
-        platform = _run_phase("diff_plan", folder)
+        runs: dict[str, list[dict[str, float]]] = {"parse_floor": [], "naive": [], "diff_plan": []}
+        for _ in range(max(1, rounds)):
+            for phase, measured in runs.items():
+                measured.append(_run_phase(phase, folder))
+        floor, naive, platform = (_median_run(runs[phase]) for phase in runs)
         publish = _run_phase("publish", folder)
         v2_bytes = (folder / "v2.jsonl").stat().st_size
     return {
@@ -534,9 +541,13 @@ def run_bench(
         "diff_plan_s": round(platform["seconds"], 3),
         "ratio_vs_parse_floor": round(platform["seconds"] / floor["seconds"], 3),
         "speedup_vs_naive": round(naive["seconds"] / platform["seconds"], 3),
-        "peak_rss_mb": round(platform["peak_rss_mb"], 1),
+        "peak_rss_mb": round(max(run["peak_rss_mb"] for run in runs["diff_plan"]), 1),
         "parse_floor_peak_rss_mb": round(floor["peak_rss_mb"], 1),
         "naive_peak_rss_mb": round(naive["peak_rss_mb"], 1),
+        "rounds_s": {
+            phase: [round(run["seconds"], 3) for run in measured]
+            for phase, measured in runs.items()
+        },
         "plan": {k: platform[k] for k in ("creates", "updates", "deletes", "operations")},
         "naive_found": {k: naive[k] for k in ("creates", "updates", "deletes")},
         "publish_entities_per_s": round(publish["entities_per_s"], 1),
@@ -546,6 +557,11 @@ def run_bench(
         "cpu_count": os.cpu_count(),
         **_landing_measurements(sensor_runs, latency_batches),
     }
+
+
+def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run of median time (the upper one of an even count)."""
+    return sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
 
 
 def _landing_measurements(sensor_runs: int, latency_batches: int) -> dict[str, object]:

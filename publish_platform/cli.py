@@ -422,6 +422,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.keep) if args.keep else None,
         sensor_runs=args.sensor_runs,
         latency_batches=args.latency_batches,
+        rounds=args.rounds,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -479,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--json", help="also write the result to this file")
     bench.add_argument("--keep", help="generate into this folder and keep it")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of parse floor, naive baseline and diff + plan, taken in turn; the medians"
+        " are reported (a busy machine slows one round, not one contender)",
+    )
     bench.add_argument(
         "--sensor-runs", type=int, default=0, help="also time a sensor tick over this many old runs"
     )

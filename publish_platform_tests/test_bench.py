@@ -25,7 +25,17 @@ KEYS = {
 def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: Path):
     out = tmp_path / "bench.json"
     run_cli(
-        "bench", "--entities", "3000", "--changes", "0.1", "--sensor-runs", "60", "--json", str(out)
+        "bench",
+        "--entities",
+        "3000",
+        "--changes",
+        "0.1",
+        "--rounds",
+        "2",
+        "--sensor-runs",
+        "60",
+        "--json",
+        str(out),
     )
     result = json.loads(out.read_text())
 
@@ -37,6 +47,13 @@ def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: 
     assert result["plan"]["updates"] == result["naive_found"]["updates"] == changes["changed"]
     assert result["plan"]["deletes"] == result["naive_found"]["deletes"] == changes["deleted"]
     assert result["noop_operations"] == 0 and result["noop_writes"] == 0
+    # Each contender measured in every round; the reported time is one of its rounds.
+    for phase, key in (
+        ("parse_floor", "parse_floor_s"),
+        ("naive", "naive_s"),
+        ("diff_plan", "diff_plan_s"),
+    ):
+        assert len(result["rounds_s"][phase]) == 2 and result[key] in result["rounds_s"][phase]
     assert result["publish_entities_per_s"] > 0 and result["peak_rss_mb"] > 0
     tick = result["sensor_tick"]
     assert tick["old_runs"] == 60 and tick["new_runs"] == 10 and tick["deep_listings"] == 10
