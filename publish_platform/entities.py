@@ -384,6 +384,7 @@ def parse_files(
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
     rows: dict[str, list] = {name: [] for name in ENTITY_SCHEMA}
+    frames: list[pl.DataFrame] = [pl.DataFrame(schema=ENTITY_SCHEMA)]
     unchanged: list[pl.DataFrame] = [pl.DataFrame(schema=UNCHANGED_SCHEMA)]
     issues: list[EntityIssue] = []
     total = 0
@@ -423,18 +424,28 @@ def parse_files(
             rows["source_file"].append(source_file)
             rows["line"].append(number)
             rows["raw_hash"].append(raw)
-    # Lists of structs built by Arrow in one call (polars would build a frame per row).
-    references = pl.from_arrow(pa.array(rows.pop("references"), type=ARROW_REFERENCES))
-    frame = pl.DataFrame(rows, schema={k: v for k, v in ENTITY_SCHEMA.items() if k in rows})
-    frame = frame.with_columns(references.alias("references")).select(list(ENTITY_SCHEMA))
+        if rows["line"]:
+            # A block's rows become a frame at once: the Python strings of a whole batch's
+            # changed entities would outweigh the frame (and the allocator keeps what they took).
+            frames.append(_entity_frame(rows))
+            rows = {name: [] for name in ENTITY_SCHEMA}
     return ParsedEntities(
-        frame=frame,
+        frame=pl.concat(frames, how="vertical"),
         issues=issues,
         lines=total,
         last_sync_ms=last_sync_ms,
         lines_by_file=lines_by_file,
         unchanged=pl.concat(unchanged, how="vertical"),
     )
+
+
+def _entity_frame(rows: dict[str, list]) -> pl.DataFrame:
+    """ENTITY_SCHEMA from columns of Python values."""
+    # Lists of structs built by Arrow in one call (polars would build a frame per row).
+    references = pl.from_arrow(pa.array(rows["references"], type=ARROW_REFERENCES))
+    others = {name: values for name, values in rows.items() if name != "references"}
+    frame = pl.DataFrame(others, schema={name: ENTITY_SCHEMA[name] for name in others})
+    return frame.with_columns(references.alias("references")).select(list(ENTITY_SCHEMA))
 
 
 def _parse_line(
