@@ -149,7 +149,12 @@ class SnapshotView:
                 .filter(pl.col("snapshot_row").is_in(missing.implode()))
                 .collect(engine="streaming")
             )
-            self._loaded = pl.concat([self._loaded, read], how="vertical").sort("snapshot_row")
+            # The reader keeps row order: a first read needs no sort (nor a copy).
+            if self._loaded.height:
+                read = pl.concat([self._loaded, read], how="vertical").sort("snapshot_row")
+            self._loaded = read
+        if self._loaded.height == wanted.len():  # all rows read are wanted: no copy
+            return self._loaded
         return self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
 
     def rows_of(self, identities: pl.DataFrame) -> pl.DataFrame:
@@ -232,8 +237,11 @@ def diff_batch(
     parsed_rows = parsed.frame.select(IDENTITY).join(
         indexed.select(*IDENTITY, "snapshot_row"), on=IDENTITY
     )
+    # (A mask over the snapshot's rows: a join would hash every recognised line.)
+    in_parsed = np.zeros(view.entities, dtype=bool)
+    in_parsed[parsed_rows.get_column("snapshot_row").to_numpy()] = True
     overlap = (
-        parsed.unchanged.join(parsed_rows.select("snapshot_row"), on="snapshot_row", how="semi")
+        parsed.unchanged.filter(pl.Series(in_parsed[recognised_rows.to_numpy()]))
         .unique("snapshot_row", keep="first", maintain_order=True)
         .join(
             indexed.select("snapshot_row", *IDENTITY, "hash", "references", "raw_hash"),
