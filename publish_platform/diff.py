@@ -160,8 +160,25 @@ class SnapshotView:
     def rows_of(self, identities: pl.DataFrame) -> pl.DataFrame:
         """The rows of these identities (those the snapshot has)."""
         found = self.identities.find(identity_hashes(identities))
-        rows = self.rows(found[found >= 0])
-        return rows.join(identities.select(IDENTITY), on=IDENTITY, how="semi")  # exactly
+        hit = found >= 0
+        rows = self.rows(found[hit])
+        # Exactly: a row whose identity is one that found it (paired by row number: a join on
+        # the identities themselves took 200 MB at 200k rows).
+        claimed = identities.filter(pl.Series(hit)).select(
+            pl.Series("snapshot_row", found[hit], dtype=pl.UInt32),
+            claimed_type="type_name",
+            claimed_name="qualified_name",
+        )
+        exact = (
+            rows.select("snapshot_row", *IDENTITY)
+            .join(claimed, on="snapshot_row")
+            .filter(
+                (pl.col("type_name") == pl.col("claimed_type"))
+                & (pl.col("qualified_name") == pl.col("claimed_name"))
+            )
+            .get_column("snapshot_row")
+        )
+        return rows.filter(pl.col("snapshot_row").is_in(exact.implode()))
 
     def exists(self, identities: pl.DataFrame) -> pl.DataFrame:
         """Those of ``identities`` the snapshot has, by their 128-bit hash (no row is read)."""

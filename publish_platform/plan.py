@@ -192,7 +192,13 @@ def missing_required(entities: pl.Series) -> pl.Series:
             return ", ".join(REQUIRED_ATTRIBUTES)
         return ", ".join(n for n in REQUIRED_ATTRIBUTES if attributes.get(n) in (None, ""))
 
-    return pl.Series([lacking(entity) for entity in entities.to_list()], dtype=pl.String)
+    # A slice at a time: the Python strings of every changed entity at once outweigh the frame.
+    found = [
+        lacking(entity)
+        for offset in range(0, len(entities), 10_000)
+        for entity in entities.slice(offset, 10_000).to_list()
+    ]
+    return pl.Series(found, dtype=pl.String)
 
 
 def _isolate_missing_required(upserts: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
