@@ -27,6 +27,13 @@ from publish_platform import local_s3
 from publish_platform.config import Settings
 from publish_platform_tests.postgres import LocalPostgres, started_postgres
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow end-to-end tests first: the workers start on the longest tests and the short ones
+    fill the gaps, so the suite does not end waiting on one long test started last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # --- S3 --------------------------------------------------------------------------------------
 
 

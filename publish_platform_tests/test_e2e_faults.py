@@ -337,7 +337,7 @@ def test_s3_and_catalog_faults_and_kill_9_in_each_step(faulty: FaultyPlatform) -
     faulty.verify(batch["denied"])
 
 
-SOURCES, PER_SOURCE = 6, 2  # and a third batch of one source, landed while the daemon is down
+SOURCES, PER_SOURCE = 4, 2  # and a third batch of one source, landed while the daemon is down
 
 
 def test_load_drains_in_order_through_a_daemon_restart_with_runs_queued(

@@ -44,7 +44,9 @@ def history(settings: Settings, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     return tmp_path
 
 
-def test_the_monitoring_job_observes_the_queue_and_writes_the_page(history: Path, state):
+def test_the_monitoring_job_and_status_json_report_the_queue(history: Path, state):
+    """One history for both readers of the queue: the monitoring job (its observation and the
+    page it writes) and ``status --json``."""
     from publish_platform.defs import defs
     from publish_platform.status_page import read_status_page
 
@@ -68,8 +70,6 @@ def test_the_monitoring_job_observes_the_queue_and_writes_the_page(history: Path
     statuses = {s["source"]: s["status"] for s in document["sources"]}
     assert statuses == {UPSTREAM_SOURCE: "healthy", BROKEN_SOURCE: "failing"}
 
-
-def test_status_json_carries_the_queue_metrics(history: Path):
     status = orjson.loads(run_cli("status", "--json").stdout)
     assert status["queue"]["depth"] == 0 and status["queue"]["error_rate"] == 0.5
     assert {b["status"] for b in status["batches"]} == {"COMPLETE", "QUARANTINED"}
