@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from publish_platform.config import DEFAULT_VOLATILE_ATTRIBUTES
+from publish_platform.config import DEFAULT_VOLATILE_ATTRIBUTES, SQL_CHUNK_SIZE
 from publish_platform.demo import shared_fixtures
 
 SOURCE = "default/postgres/bench"
@@ -325,11 +325,11 @@ def measure_publish(folder: Path) -> dict[str, float]:
     catalog = SqlCatalog(f"sqlite:///{folder / 'catalog.sqlite'}")
     try:
         started = time.perf_counter()
-        outcome = execute_plan(operations, catalog, chunk_size=500, source=SOURCE)
+        outcome = execute_plan(operations, catalog, chunk_size=SQL_CHUNK_SIZE, source=SOURCE)
         seconds = time.perf_counter() - started
         before = sum(catalog.versions().values())
         noop_plan = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
-        execute_plan(noop_plan.operations, catalog, chunk_size=500, source=SOURCE)
+        execute_plan(noop_plan.operations, catalog, chunk_size=SQL_CHUNK_SIZE, source=SOURCE)
         writes = sum(catalog.versions().values()) - before
     finally:
         catalog.close()
