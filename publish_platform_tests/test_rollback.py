@@ -50,15 +50,38 @@ def _dump(source: str) -> list[dict]:
     ]
 
 
-def test_rollback_restores_the_older_snapshot(two_serials, settings: Settings) -> None:
+def test_rollback_is_held_by_the_deletion_check_until_approved_then_restores_the_older_snapshot(
+    two_serials, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One history for both: a rollback held by the deletion check, then approved, must restore
+    serial 1 exactly (content, guids, relationships) as serial 3."""
     state, second = two_serials
     assert _content(_dump(UPSTREAM_SOURCE)) == _content(second.entities)
     guids_before = {
         (e["typeName"], e["attributes"]["qualifiedName"]): e["guid"] for e in _dump(UPSTREAM_SOURCE)
     }
+    monkeypatch.setenv("PUBLISH_PLATFORM_DELETION_THRESHOLD", "0.01")
+    held = run_cli("rollback", UPSTREAM_SOURCE, "--to", "1", "--in-process", check=False)
+    assert held.returncode == 1 and "FAILURE" in held.stdout
+    assert state.current_serial(UPSTREAM_SOURCE) == 2
+    assert _content(_dump(UPSTREAM_SOURCE)) == _content(second.entities)
 
-    result = run_cli("rollback", UPSTREAM_SOURCE, "--to", "1", "--in-process")
-    assert "SUCCESS" in result.stdout
+    not_older = run_cli("rollback", UPSTREAM_SOURCE, "--to", "2", "--in-process", check=False)
+    assert not_older.returncode == 1  # serial 2 is the current one: nothing to roll back to
+
+    approved = run_cli(
+        "rollback",
+        UPSTREAM_SOURCE,
+        "--to",
+        "1",
+        "--in-process",
+        "--approve-by",
+        "alice",
+        "--reason",
+        "bad release",
+    )
+    assert "SUCCESS" in approved.stdout
+    assert state.current_serial(UPSTREAM_SOURCE) == 3
 
     restored = _dump(UPSTREAM_SOURCE)
     assert _content(restored) == _content(upstream_entities())
@@ -100,32 +123,3 @@ def test_rollback_restores_the_older_snapshot(two_serials, settings: Settings) -
         assert edges == expected
     finally:
         catalog.close()
-
-
-def test_rollback_is_held_by_the_deletion_check_until_approved(
-    two_serials, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    state, second = two_serials
-    monkeypatch.setenv("PUBLISH_PLATFORM_DELETION_THRESHOLD", "0.01")
-    held = run_cli("rollback", UPSTREAM_SOURCE, "--to", "1", "--in-process", check=False)
-    assert held.returncode == 1 and "FAILURE" in held.stdout
-    assert state.current_serial(UPSTREAM_SOURCE) == 2
-    assert _content(_dump(UPSTREAM_SOURCE)) == _content(second.entities)
-
-    not_older = run_cli("rollback", UPSTREAM_SOURCE, "--to", "2", "--in-process", check=False)
-    assert not_older.returncode == 1  # serial 2 is the current one: nothing to roll back to
-
-    approved = run_cli(
-        "rollback",
-        UPSTREAM_SOURCE,
-        "--to",
-        "1",
-        "--in-process",
-        "--approve-by",
-        "alice",
-        "--reason",
-        "bad release",
-    )
-    assert "SUCCESS" in approved.stdout
-    assert state.current_serial(UPSTREAM_SOURCE) == 3
-    assert _content(_dump(UPSTREAM_SOURCE)) == _content(upstream_entities())
