@@ -92,3 +92,21 @@ def test_with_a_landing_queue_a_tick_looks_only_at_runs_named_by_events(
             QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessages"]
         )
         assert left["Attributes"]["ApproximateNumberOfMessages"] == "0"  # all acknowledged
+
+
+def test_the_s3_client_is_made_once_per_configuration_and_aws_environment(
+    moto_endpoint: str, monkeypatch
+) -> None:
+    """Every sensor tick and step asks for the client: a new boto3 session each time cost up to
+    0.4 s of CPU. Another configuration or AWS environment must still get a client of its own."""
+    from publish_platform.defs.resources import SharedS3Resource
+
+    first = SharedS3Resource().get_client()
+    assert SharedS3Resource().get_client() is first
+    assert first.meta.endpoint_url == moto_endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    moved = SharedS3Resource().get_client()
+    assert moved is not first and moved.meta.endpoint_url == "http://127.0.0.1:1"
+    assert SharedS3Resource(max_attempts=2).get_client() not in (first, moved)
+    monkeypatch.undo()
+    assert SharedS3Resource().get_client() is first
