@@ -6,6 +6,7 @@ import json
 import uuid
 
 import boto3
+import pytest
 from dagster import instance_for_test
 
 from publish_platform.config import Settings
@@ -95,7 +96,7 @@ def test_with_a_landing_queue_a_tick_looks_only_at_runs_named_by_events(
 
 
 def test_the_s3_client_is_made_once_per_configuration_and_aws_environment(
-    moto_endpoint: str, monkeypatch
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every sensor tick and step asks for the client: a new boto3 session each time cost up to
     0.4 s of CPU. Another configuration or AWS environment must still get a client of its own."""
