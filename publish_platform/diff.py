@@ -104,27 +104,37 @@ class SnapshotView:
                 .with_row_index("snapshot_row")
                 .with_columns(identity_hash=identity_hash())
             )
-        raw, identity = pl.col("raw_hash"), pl.col("identity_hash")
-        keys = self._snapshot.select(  # one pass over two columns; the halves go to numpy
-            raw_known=raw.is_not_null(),
-            raw_high=raw.floordiv(2**64).cast(pl.UInt64).fill_null(0),
-            raw_low=(raw % 2**64).cast(pl.UInt64).fill_null(0),
-            id_high=identity.floordiv(2**64).cast(pl.UInt64),
-            id_low=(identity % 2**64).cast(pl.UInt64),
+        # One index at a time, each from a pass over its own column: the halves of both at once
+        # and their sorted copies took twice the memory of the finished indexes.
+        identity = pl.col("identity_hash")
+        ids = self._snapshot.select(
+            high=identity.floordiv(2**64).cast(pl.UInt64), low=(identity % 2**64).cast(pl.UInt64)
         ).collect(engine="streaming")
-        column = keys.get_column
-        self.entities = keys.height
-        self.identities = HashIndex(column("id_high").to_numpy(), column("id_low").to_numpy())
-        known = column("raw_known").to_numpy()
-        self.raw = HashIndex(
-            column("raw_high").to_numpy()[known], column("raw_low").to_numpy()[known]
+        self.entities = ids.height
+        self.identities = HashIndex(
+            ids.get_column("high").to_numpy(), ids.get_column("low").to_numpy()
         )
-        self.raw.rows = np.flatnonzero(known).astype(np.uint32)[self.raw.rows]
+        del ids
+        raw = pl.col("raw_hash")
+        known = (
+            self._snapshot.filter(raw.is_not_null())  # rows of older snapshots may have none
+            .select(
+                "snapshot_row",
+                high=raw.floordiv(2**64).cast(pl.UInt64),
+                low=(raw % 2**64).cast(pl.UInt64),
+            )
+            .collect(engine="streaming")
+        )
+        self.raw = HashIndex(
+            known.get_column("high").to_numpy(),
+            known.get_column("low").to_numpy(),
+            known.get_column("snapshot_row").to_numpy(),
+        )
+        del known
         # Where each row's raw hash is in the raw index (-1: it has none): rows are read by
         # their raw hashes, a column the reader filters on before decoding the others.
         self._raw_at = np.full(self.entities, -1, dtype=np.int32)
         self._raw_at[self.raw.rows] = np.arange(len(self.raw), dtype=np.int32)
-        del keys
         self._loaded = (
             self._snapshot.clear().select(pl.exclude("entity", "identity_hash")).collect()
         )
@@ -277,8 +287,8 @@ def diff_batch(
                 hash="hash",
                 entity=pl.lit(None, pl.String),
                 references="references",
-                source_file="source_file",
-                line="line",
+                source_file=pl.col("source_file").cast(pl.String),
+                line=pl.col("line").cast(pl.Int64),
                 raw_hash="raw_hash",
             ),
         ],

@@ -265,3 +265,9 @@ def test_hash_index_finds_every_hash_exactly_even_when_high_halves_collide() -> 
     ]
     empty = HashIndex(np.array([], dtype=np.uint64), np.array([], dtype=np.uint64))
     assert empty.find(probes).tolist() == [-1, -1]
+    # Rows without a hash left out: each hash finds the row it was given for.
+    rows = np.flatnonzero(rng.random(len(high)) < 0.5)
+    sparse = HashIndex(high[rows], low[rows], rows)
+    expected = np.full(len(high), -1)
+    expected[rows] = rows
+    assert (sparse.find(as_hashes(high, low)) == expected).all()
