@@ -96,6 +96,7 @@ class SnapshotView:
         """``snapshot``: SNAPSHOT_SCHEMA, in memory or a file; ``keep``: what must live as long
         as the view (the file's temporary folder)."""
         self._keep = keep
+        self.path = snapshot if isinstance(snapshot, Path) else None  # None: held in memory
         if isinstance(snapshot, Path):
             self._snapshot = scan_snapshot(snapshot, row_index="snapshot_row")
         else:

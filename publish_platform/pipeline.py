@@ -7,8 +7,10 @@ The Dagster assets in ``publish_platform.defs`` are thin wrappers around these f
 
 from __future__ import annotations
 
+import tempfile
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -52,6 +54,8 @@ from publish_platform.state import (
     StaleStateError,
     StateStore,
     empty_snapshot,
+    scan_snapshot,
+    snapshot_parquet,
 )
 
 Outcome = Literal["diffed", "quarantined", "skipped", "superseded"]
@@ -392,34 +396,47 @@ def run_publish(
         result.duration_s = time.perf_counter() - started
         return result
 
-    base = state.read_snapshot(source, current)
-    # The blocking checks again, on the stored plan: whatever runs this step (a retry of the
-    # step alone, a re-execution from failure, the CLI), a held plan is never applied unless
-    # the approval recorded with it lets it through.
-    held = blocking_failures(
-        evaluate_checks(plan, base, settings.deletion_threshold_for(source), plan.header.approval)
-    )
-    if held:
-        raise PlanHeldError(
-            f"plan for {partition_key} fails blocking checks: "
-            + "; ".join(c.description for c in held)
+    # The base snapshot as a file: its indexes for the checks, then streamed into the next
+    # snapshot (its payload never held whole: a large source's takes gigabytes).
+    base = open_snapshot(state, source, current)
+    with tempfile.TemporaryDirectory(prefix="publish-platform-publish-") as scratch:
+        # The blocking checks again, on the stored plan: whatever runs this step (a retry of
+        # the step alone, a re-execution from failure, the CLI), a held plan is never applied
+        # unless the approval recorded with it lets it through.
+        held = blocking_failures(
+            evaluate_checks(
+                plan, base, settings.deletion_threshold_for(source), plan.header.approval
+            )
         )
+        if held:
+            raise PlanHeldError(
+                f"plan for {partition_key} fails blocking checks: "
+                + "; ".join(c.description for c in held)
+            )
 
-    checkpoint = ChunkCheckpoint(state, partition_key, plan.header.plan_id, RESULT_SCHEMA)
-    outcome = execute_plan(
-        plan.operations,
-        metastore,
-        settings.publish_chunk_size,
-        settings.purge_deletes,
-        progress,
-        checkpoint,
-        retry_tiers(),
-        on_retry,
-        source,
-    )
-    snapshot = next_snapshot(base, plan.operations, outcome.results)
-    serial = current + 1
-    snapshot_key = state.write_snapshot(source, serial, snapshot, plan.header.plan_id)
+        checkpoint = ChunkCheckpoint(state, partition_key, plan.header.plan_id, RESULT_SCHEMA)
+        outcome = execute_plan(
+            plan.operations,
+            metastore,
+            settings.publish_chunk_size,
+            settings.purge_deletes,
+            progress,
+            checkpoint,
+            retry_tiers(),
+            on_retry,
+            source,
+        )
+        rows = scan_snapshot(base.path, payload=True) if base.path else empty_snapshot()
+        snapshot = Path(scratch) / "next.parquet"
+        snapshot_parquet(next_snapshot(rows, plan.operations, outcome.results), snapshot)
+        serial = current + 1
+        snapshot_key = state.write_snapshot(source, serial, snapshot, plan.header.plan_id)
+        entities, relationships = (
+            scan_snapshot(snapshot)
+            .select(pl.len(), pl.col("references").list.len().sum())
+            .collect(engine="streaming")
+            .row(0)
+        )
     state.advance_pointer(
         Pointer(
             source=source,
@@ -428,7 +445,7 @@ def run_publish(
             partition_key=partition_key,
             source_timestamp=plan.header.source_timestamp,
             published_at=datetime.now(UTC),
-            entities=snapshot.height,
+            entities=entities,
         ),
         expected_serial=current,
     )
@@ -442,8 +459,8 @@ def run_publish(
     result.split_chunks = outcome.split_chunks
     result.resumed = outcome.resumed
     result.immediate_retries = outcome.immediate_retries
-    result.snapshot_entities = snapshot.height
-    result.snapshot_relationships = int(snapshot["references"].list.len().sum() or 0)
+    result.snapshot_entities = entities
+    result.snapshot_relationships = int(relationships or 0)
     result.failures_preview = (
         failed.select("type_name", "qualified_name", "error").head(ISSUE_PREVIEW).to_dicts()
     )

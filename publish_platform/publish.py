@@ -267,12 +267,17 @@ def _apply(
 
 
 def next_snapshot(
-    base: pl.DataFrame, operations: pl.DataFrame, results: pl.DataFrame
-) -> pl.DataFrame:
-    """The base snapshot with every successful operation applied, and no failed one."""
+    base: pl.DataFrame | pl.LazyFrame, operations: pl.DataFrame, results: pl.DataFrame
+) -> pl.LazyFrame:
+    """The base snapshot with every successful operation applied, and no failed one: the base's
+    rows in their order, less those the plan changed, then the plan's rows in plan order (the
+    same plan on the same base always gives the same snapshot). Lazy: a snapshot file streams
+    through to the next one, its payload never held whole."""
     applied = operations.join(results, on="seq", how="inner").filter(pl.col("ok"))
     identity = ["type_name", "qualified_name"]
-    kept = base.join(applied.select(identity), on=identity, how="anti")
+    kept = base.lazy().join(
+        applied.select(identity).lazy(), on=identity, how="anti", maintain_order="left"
+    )
     written = applied.filter(pl.col("op") != "delete").select(
         "type_name",
         "qualified_name",
@@ -282,4 +287,6 @@ def next_snapshot(
         "references",
         "raw_hash",
     )
-    return pl.concat([kept.select(list(SNAPSHOT_SCHEMA)), written], how="vertical").sort(identity)
+    return pl.concat(
+        [kept.select(list(SNAPSHOT_SCHEMA)), written.lazy().cast(SNAPSHOT_SCHEMA)], how="vertical"
+    )

@@ -17,6 +17,7 @@ and the pointer with ``If-Match: <etag>``: two publishers racing for a source ca
 from __future__ import annotations
 
 import io
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,15 @@ def snapshot_parquet(snapshot: pl.DataFrame | pl.LazyFrame, target: io.BytesIO |
         stored.sink_parquet(target, compression="zstd", metadata=metadata)
     else:
         stored.collect().write_parquet(target, compression="zstd", metadata=metadata)
+
+
+def snapshot_digest(path: Path) -> tuple[int, int]:
+    """A snapshot file's row count and a digest of its rows in any order (read in a stream):
+    equal for two files with the same rows, whatever their order or their writer's format."""
+    rows = pl.struct(*SNAPSHOT_SCHEMA).hash(IDENTITY_SEEDS[0]).cast(pl.UInt128)
+    found = scan_snapshot(path, payload=True).select(count=pl.len(), digest=rows.sum())
+    count, digest = found.collect(engine="streaming").row(0)
+    return int(count), int(digest or 0)
 
 
 def load_snapshot(parquet: bytes | Path, payload: bool = True) -> pl.DataFrame:
@@ -274,27 +284,35 @@ class StateStore:
     def snapshot_key(self, source: str, serial: int, attempt: str) -> str:
         return self.source_key(source, "snapshots", f"{serial:012d}-{attempt}.parquet")
 
-    def write_snapshot(self, source: str, serial: int, frame: pl.DataFrame, attempt: str) -> str:
+    def write_snapshot(
+        self, source: str, serial: int, snapshot: pl.DataFrame | pl.LazyFrame | Path, attempt: str
+    ) -> str:
         """Write an immutable snapshot candidate for ``serial``; the pointer CAS commits one.
 
         Candidates are named by attempt (the plan id), so two publishers can never overwrite
-        each other's, and a retry of the same plan finds (and accepts) its own.
+        each other's, and a retry of the same plan finds (and accepts) its own. A snapshot is
+        uploaded from a file (``snapshot_parquet``'s; a frame is written to one first): the
+        publish step's streams through, never held whole in memory.
         """
         key = self.snapshot_key(source, serial, attempt)
-        frame = frame.select(list(SNAPSHOT_SCHEMA))
-        buffer = io.BytesIO()
-        snapshot_parquet(frame, buffer)
-        try:
-            self.put_bytes(key, buffer.getvalue(), IfNoneMatch="*")
-        except ClientError as exc:
-            if _precondition_failed(exc):
-                found = self.get_bytes(key)
-                if found is not None and load_snapshot(found[0]).equals(frame):
-                    return key
-                raise StaleStateError(
-                    f"snapshot candidate {key} exists with other content"
-                ) from exc
-            raise
+        with tempfile.TemporaryDirectory(prefix="publish-platform-snapshot-") as scratch:
+            ours = snapshot if isinstance(snapshot, Path) else Path(scratch) / "candidate.parquet"
+            if not isinstance(snapshot, Path):
+                snapshot_parquet(snapshot.lazy(), ours)
+            try:
+                with open(ours, "rb") as body:
+                    self.s3.put_object(
+                        Bucket=self.location.bucket, Key=key, Body=body, IfNoneMatch="*"
+                    )
+            except ClientError as exc:
+                if not _precondition_failed(exc):
+                    raise
+                theirs = Path(scratch) / "existing.parquet"
+                self.s3.download_file(self.location.bucket, key, str(theirs))
+                if snapshot_digest(theirs) != snapshot_digest(ours):
+                    raise StaleStateError(
+                        f"snapshot candidate {key} exists with other content"
+                    ) from exc
         return key
 
     def _record_history(self, pointer: Pointer) -> None:

@@ -53,7 +53,7 @@ def published(parsed: ParsedEntities, source: str) -> pl.DataFrame:
         },
         schema=RESULT_SCHEMA,
     )
-    return next_snapshot(empty_snapshot(), ops, results)
+    return next_snapshot(empty_snapshot(), ops, results).collect()
 
 
 def ops_of(diff: DiffResult, op: str) -> set[tuple[str, str]]:

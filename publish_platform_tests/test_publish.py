@@ -101,7 +101,7 @@ def test_poison_entity_is_isolated_and_the_rest_published(catalog):
 
 
 def test_chunks_never_mix_upserts_and_deletes_and_respect_chunk_size(catalog):
-    base = next_snapshot(empty_snapshot(), first_plan().operations, _all_ok(first_plan()))
+    base = next_snapshot(empty_snapshot(), first_plan().operations, _all_ok(first_plan())).collect()
     kept = [e for e in upstream_entities() if "/hr/" not in e["attributes"]["qualifiedName"]]
     changed = copy.deepcopy(kept)
     for e in changed:
@@ -139,7 +139,7 @@ def _all_ok(plan) -> pl.DataFrame:
 def test_next_snapshot_keeps_old_row_for_failed_update_and_omits_failed_create(catalog):
     first = first_plan()
     first_outcome = execute_plan(first.operations, catalog, chunk_size=100)
-    base = next_snapshot(empty_snapshot(), first.operations, first_outcome.results)
+    base = next_snapshot(empty_snapshot(), first.operations, first_outcome.results).collect()
     assert base.height == 38 and base.columns == list(SNAPSHOT_SCHEMA)
     old = {r["qualified_name"]: r for r in base.iter_rows(named=True)}
 
@@ -164,7 +164,7 @@ def test_next_snapshot_keeps_old_row_for_failed_update_and_omits_failed_create(c
     outcome = execute_plan(plan.operations, PoisonMetastore(catalog, poison), chunk_size=100)
     assert outcome.failed == 3 and outcome.succeeded == 3
 
-    snapshot = next_snapshot(base, plan.operations, outcome.results)
+    snapshot = next_snapshot(base, plan.operations, outcome.results).collect()
     rows = {r["qualified_name"]: r for r in snapshot.iter_rows(named=True)}
 
     # Failed update: the old row, old hash, so the next batch sees it as changed and retries.
@@ -180,16 +180,20 @@ def test_next_snapshot_keeps_old_row_for_failed_update_and_omits_failed_create(c
     assert qn("hr/employees/dept") not in rows
     assert snapshot.height == 38 - 1 + 1
     assert snapshot.select("type_name", "qualified_name").is_duplicated().sum() == 0
-    assert snapshot["qualified_name"].to_list() == sorted(
-        snapshot["qualified_name"].to_list(),
-        key=lambda q: (rows[q]["type_name"], q),
-    )
+    # The base's rows in their order, less those the plan changed, then the plan's in plan
+    # order: the same plan on the same base gives the very same snapshot.
+    applied = outcome.results.filter("ok").join(plan.operations, on="seq").sort("seq")
+    changed = set(applied["qualified_name"])
+    written = applied.filter(pl.col("op") != "delete")["qualified_name"].to_list()
+    kept = [q for q in base["qualified_name"].to_list() if q not in changed]
+    assert snapshot["qualified_name"].to_list() == kept + written
+    assert next_snapshot(base, plan.operations, outcome.results).collect().equals(snapshot)
 
 
 def test_purge_removes_and_archive_hides(catalog):
     plan = first_plan()
     execute_plan(plan.operations, catalog, chunk_size=50)
-    base = next_snapshot(empty_snapshot(), plan.operations, _all_ok(plan))
+    base = next_snapshot(empty_snapshot(), plan.operations, _all_ok(plan)).collect()
     batch = [e for e in upstream_entities() if e["typeName"] != "Column"]
     deletes = build_plan(
         diff_batch(

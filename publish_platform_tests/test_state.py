@@ -54,7 +54,7 @@ def pointer(serial: int, source: str = SOURCE, snapshot_key: str | None = None) 
     )
 
 
-def test_snapshot_candidates_are_immutable_and_the_pointer_commits_one(store):
+def test_snapshot_candidates_are_immutable_and_the_pointer_commits_one(store, tmp_path):
     key = store.write_snapshot(SOURCE, 1, SNAPSHOT, "plan-a")
     assert key.endswith("/snapshots/000000000001-plan-a.parquet")
     assert load_snapshot(store.get_bytes(key)[0]).equals(SNAPSHOT)
@@ -62,8 +62,15 @@ def test_snapshot_candidates_are_immutable_and_the_pointer_commits_one(store):
     with pytest.raises(StaleStateError, match="exists with other content"):
         store.write_snapshot(SOURCE, 1, SNAPSHOT.head(1), "plan-a")
     assert load_snapshot(store.get_bytes(key)[0]).equals(SNAPSHOT)  # the first write stands
-    # The very same snapshot again is a retry of the same publish, not a competitor.
+    # The very same snapshot again is a retry of the same publish, not a competitor: in any
+    # row order, from a file (as the publish step writes it), or lazily.
     assert store.write_snapshot(SOURCE, 1, SNAPSHOT, "plan-a") == key
+    assert store.write_snapshot(SOURCE, 1, SNAPSHOT.reverse().lazy(), "plan-a") == key
+    snapshot_parquet(SNAPSHOT, tmp_path / "same.parquet")
+    assert store.write_snapshot(SOURCE, 1, tmp_path / "same.parquet", "plan-a") == key
+    changed = SNAPSHOT.with_columns(pl.col("guid").reverse())  # same rows but one column
+    with pytest.raises(StaleStateError, match="exists with other content"):
+        store.write_snapshot(SOURCE, 1, changed, "plan-a")
     # Another plan racing for the same serial writes a candidate of its own.
     other = store.write_snapshot(SOURCE, 1, SNAPSHOT.head(1), "plan-b")
     assert other != key
