@@ -274,10 +274,10 @@ def next_snapshot(
     same plan on the same base always gives the same snapshot). Lazy: a snapshot file streams
     through to the next one, its payload never held whole."""
     applied = operations.join(results, on="seq", how="inner").filter(pl.col("ok"))
-    identity = ["type_name", "qualified_name"]
-    kept = base.lazy().join(
-        applied.select(identity).lazy(), on=identity, how="anti", maintain_order="left"
-    )
+    # A filter, not an anti-join: streamed, a join buffered gigabytes of a large snapshot.
+    identity = pl.struct("type_name", "qualified_name")
+    changed = applied.select(identity).to_series().implode()
+    kept = base.lazy().filter(~identity.is_in(changed))
     written = applied.filter(pl.col("op") != "delete").select(
         "type_name",
         "qualified_name",
