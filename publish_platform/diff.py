@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -85,8 +86,8 @@ def identity_hashes(identities: pl.DataFrame) -> pl.Series:
 class SnapshotView:
     """What a diff and its plan read of a source's snapshot.
 
-    Held in memory: the row count and two indexes of every row, its raw hash and its identity's
-    hash (about 50 bytes a row): enough to recognise unchanged lines, find the row of an
+    Held in memory: the row count and two indexes of every row, its raw hash (built when first
+    asked for) and its identity's hash (about 45 bytes a row): enough to recognise unchanged lines, find the row of an
     identity and tell whether an identity exists. Whole rows are read only for the few a batch
     touches, from the snapshot file when it is one: memory does not grow with the snapshot's
     payload or references.
@@ -116,6 +117,14 @@ class SnapshotView:
             ids.get_column("high").to_numpy(), ids.get_column("low").to_numpy()
         )
         del ids
+        self._loaded = (
+            self._snapshot.clear().select(pl.exclude("entity", "identity_hash")).collect()
+        )
+
+    @cached_property
+    def raw(self) -> HashIndex:
+        """The raw hashes of the rows that have one, each with its row. Built when first asked
+        for: the diff and the plan read rows by it, the publish step's checks never do."""
         raw = pl.col("raw_hash")
         known = (
             self._snapshot.filter(raw.is_not_null())  # rows of older snapshots may have none
@@ -126,19 +135,19 @@ class SnapshotView:
             )
             .collect(engine="streaming")
         )
-        self.raw = HashIndex(
+        return HashIndex(
             known.get_column("high").to_numpy(),
             known.get_column("low").to_numpy(),
             known.get_column("snapshot_row").to_numpy(),
         )
-        del known
-        # Where each row's raw hash is in the raw index (-1: it has none): rows are read by
-        # their raw hashes, a column the reader filters on before decoding the others.
-        self._raw_at = np.full(self.entities, -1, dtype=np.int32)
-        self._raw_at[self.raw.rows] = np.arange(len(self.raw), dtype=np.int32)
-        self._loaded = (
-            self._snapshot.clear().select(pl.exclude("entity", "identity_hash")).collect()
-        )
+
+    @cached_property
+    def _raw_at(self) -> np.ndarray:
+        """Where each row's raw hash is in the raw index (-1: it has none): rows are read by
+        their raw hashes, a column the reader filters on before decoding the others."""
+        at = np.full(self.entities, -1, dtype=np.int32)
+        at[self.raw.rows] = np.arange(len(self.raw), dtype=np.int32)
+        return at
 
     def rows(self, numbers: np.ndarray) -> pl.DataFrame:
         """The rows with these numbers (``snapshot_row`` and SNAPSHOT_SCHEMA without the entity

@@ -396,40 +396,38 @@ def run_publish(
         result.duration_s = time.perf_counter() - started
         return result
 
-    # The base snapshot as a file: its indexes for the checks, then streamed into the next
-    # snapshot (its payload never held whole: a large source's takes gigabytes).
+    # The base snapshot as a file: its identity index for the checks, then streamed into the
+    # next snapshot (its payload never held whole: a large source's takes gigabytes).
     base = open_snapshot(state, source, current)
-    with tempfile.TemporaryDirectory(prefix="publish-platform-publish-") as scratch:
-        # The blocking checks again, on the stored plan: whatever runs this step (a retry of
-        # the step alone, a re-execution from failure, the CLI), a held plan is never applied
-        # unless the approval recorded with it lets it through.
-        held = blocking_failures(
-            evaluate_checks(
-                plan, base, settings.deletion_threshold_for(source), plan.header.approval
-            )
+    # The blocking checks again, on the stored plan: whatever runs this step (a retry of the
+    # step alone, a re-execution from failure, the CLI), a held plan is never applied unless
+    # the approval recorded with it lets it through.
+    held = blocking_failures(
+        evaluate_checks(plan, base, settings.deletion_threshold_for(source), plan.header.approval)
+    )
+    if held:
+        raise PlanHeldError(
+            f"plan for {partition_key} fails blocking checks: "
+            + "; ".join(c.description for c in held)
         )
-        if held:
-            raise PlanHeldError(
-                f"plan for {partition_key} fails blocking checks: "
-                + "; ".join(c.description for c in held)
-            )
 
-        checkpoint = ChunkCheckpoint(state, partition_key, plan.header.plan_id, RESULT_SCHEMA)
-        outcome = execute_plan(
-            plan.operations,
-            metastore,
-            settings.publish_chunk_size,
-            settings.purge_deletes,
-            progress,
-            checkpoint,
-            retry_tiers(),
-            on_retry,
-            source,
-        )
-        rows = scan_snapshot(base.path, payload=True) if base.path else empty_snapshot()
+    checkpoint = ChunkCheckpoint(state, partition_key, plan.header.plan_id, RESULT_SCHEMA)
+    outcome = execute_plan(
+        plan.operations,
+        metastore,
+        settings.publish_chunk_size,
+        settings.purge_deletes,
+        progress,
+        checkpoint,
+        retry_tiers(),
+        on_retry,
+        source,
+    )
+    serial = current + 1
+    rows = scan_snapshot(base.path, payload=True) if base.path else empty_snapshot()
+    with tempfile.TemporaryDirectory(prefix="publish-platform-publish-") as scratch:
         snapshot = Path(scratch) / "next.parquet"
         snapshot_parquet(next_snapshot(rows, plan.operations, outcome.results), snapshot)
-        serial = current + 1
         snapshot_key = state.write_snapshot(source, serial, snapshot, plan.header.plan_id)
         entities, relationships = (
             scan_snapshot(snapshot)

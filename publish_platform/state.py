@@ -304,9 +304,11 @@ class StateStore:
         """
         key = self.snapshot_key(source, serial, attempt)
         with tempfile.TemporaryDirectory(prefix="publish-platform-snapshot-") as scratch:
-            ours = snapshot if isinstance(snapshot, Path) else Path(scratch) / "candidate.parquet"
-            if not isinstance(snapshot, Path):
-                snapshot_parquet(snapshot.lazy(), ours)
+            if isinstance(snapshot, Path):
+                ours = snapshot
+            else:
+                ours = Path(scratch) / "candidate.parquet"
+                snapshot_parquet(snapshot, ours)
             try:
                 with open(ours, "rb") as body:
                     self.s3.put_object(
