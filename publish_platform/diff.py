@@ -87,10 +87,10 @@ class SnapshotView:
     """What a diff and its plan read of a source's snapshot.
 
     Held in memory: the row count and two indexes of every row, its raw hash (built when first
-    asked for) and its identity's hash (about 45 bytes a row): enough to recognise unchanged lines, find the row of an
-    identity and tell whether an identity exists. Whole rows are read only for the few a batch
-    touches, from the snapshot file when it is one: memory does not grow with the snapshot's
-    payload or references.
+    asked for) and its identity's hash (about 45 bytes a row): enough to recognise unchanged
+    lines, find the row of an identity and tell whether an identity exists. Whole rows are read
+    only for the few a batch touches, from the snapshot file when it is one: memory does not
+    grow with the snapshot's payload or references.
     """
 
     def __init__(self, snapshot: pl.DataFrame | Path, keep: object = None) -> None:
