@@ -246,6 +246,8 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
         known_raw=view.raw,
     )
     diff = diff_batch(parsed, view, SOURCE, "full")
+    # The platform's plan is a step of its own: the parsed batch is gone by then.
+    del parsed
     return build_plan(diff, PARTITION_KEY, 1)
 
 

@@ -303,6 +303,7 @@ def diff_batch(
             ),
         ],
         how="vertical",
+        rechunk=True,  # a join or gather copies the entity JSON of a frame of many chunks
     )
     batch, issues = screen(candidates, source, parsed.issues)
     protected = _protected_identities(issues)
@@ -354,6 +355,7 @@ def diff_batch(
             deletes,
         ],
         how="vertical",
+        rechunk=True,  # the plan sorts it: one chunk shares the entity JSON, many are copied
     )
     return DiffResult(
         source=source,

@@ -12,6 +12,7 @@ parsing them; only the lines it does not recognise are parsed, validated and has
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import re
 from collections import deque
@@ -433,14 +434,30 @@ def parse_files(
             # changed entities would outweigh the frame (and the allocator keeps what they took).
             frames.append(_entity_frame(rows))
             rows = {name: [] for name in ENTITY_SCHEMA}
+    _return_freed_memory()
     return ParsedEntities(
-        frame=pl.concat(frames, how="vertical"),
+        # One chunk: polars copies the strings of a many-chunk frame on every join or gather
+        # (the diff's and the plan's), where it shares those of one chunk. (Rechunking shares
+        # them too: only the views are concatenated.)
+        frame=pl.concat(frames, how="vertical", rechunk=True),
         issues=issues,
         lines=total,
         last_sync_ms=last_sync_ms,
         lines_by_file=lines_by_file,
         unchanged=pl.concat(unchanged, how="vertical"),
     )
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc; elsewhere nothing is done).
+
+    Parsing frees the Python objects of every changed line into glibc's heap, which polars (it
+    has an allocator of its own) never reuses: at 5M entities the diff and the plan that follow
+    carried about 75 MB of it.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _entity_frame(rows: dict[str, list]) -> pl.DataFrame:

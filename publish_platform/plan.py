@@ -140,6 +140,7 @@ def build_plan(
             deletes.sort([rank, pl.col("qualified_name")], descending=[True, False]),
         ],
         how="vertical",
+        rechunk=True,  # later gathers then share the entity JSON instead of copying it
     ).with_row_index("seq")
     operations = ordered.with_columns(pl.col("seq").cast(pl.Int64)).select(list(PLAN_SCHEMA))
     added, removed, repointed = _relationship_changes(operations, snapshot)

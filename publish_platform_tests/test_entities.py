@@ -271,3 +271,14 @@ def test_hash_index_finds_every_hash_exactly_even_when_high_halves_collide() -> 
     expected = np.full(len(high), -1)
     expected[rows] = rows
     assert (sparse.find(as_hashes(high, low)) == expected).all()
+
+
+def test_parsed_entities_are_one_chunk_so_joins_share_their_json() -> None:
+    """Each block of lines becomes a frame; the batch's is one chunk of them all. polars copies
+    the strings of a frame of many chunks on every join and gather: the diff and the plan would
+    each hold one more copy of the changed entities' JSON."""
+    entities = upstream_entities()
+    files = [(f"part-{n}.json", jsonl(entities[n::3])) for n in range(3)]
+    parsed = parse_files(files, VOLATILE)
+    assert parsed.frame.height == len(entities)
+    assert parsed.frame.n_chunks() == 1
