@@ -243,7 +243,7 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
     parsed = parse_files(
         [(f"{version}.jsonl", pieces(folder / f"{version}.jsonl"))],
         DEFAULT_VOLATILE_ATTRIBUTES,
-        known_raw=view.raw,
+        known_raw=view.raw_index(),  # for the parse only, as in the diff step
     )
     diff = diff_batch(parsed, view, SOURCE, "full")
     # The platform's plan is a step of its own: the parsed batch is gone by then.

@@ -86,11 +86,12 @@ def identity_hashes(identities: pl.DataFrame) -> pl.Series:
 class SnapshotView:
     """What a diff and its plan read of a source's snapshot.
 
-    Held in memory: the row count and two indexes of every row, its raw hash (built when first
-    asked for) and its identity's hash (about 45 bytes a row): enough to recognise unchanged
-    lines, find the row of an identity and tell whether an identity exists. Whole rows are read
-    only for the few a batch touches, from the snapshot file when it is one: memory does not
-    grow with the snapshot's payload or references.
+    Held in memory: the row count, and the hash of every row's identity in an index (about 26
+    bytes a row, built when first asked for): enough to find the row of an identity and tell
+    whether an identity exists. Whole rows are read only for the few a batch touches, from the
+    snapshot file when it is one: memory does not grow with the snapshot's payload or
+    references. The raw hashes that recognise unchanged lines are indexed for the parse only
+    (``raw_index``), and not kept.
     """
 
     def __init__(self, snapshot: pl.DataFrame | Path, keep: object = None) -> None:
@@ -100,31 +101,32 @@ class SnapshotView:
         self.path = snapshot if isinstance(snapshot, Path) else None  # None: held in memory
         if isinstance(snapshot, Path):
             self._snapshot = scan_snapshot(snapshot, row_index="snapshot_row")
+            self.entities = pl.scan_parquet(snapshot).select(pl.len()).collect().item()
         else:
             self._snapshot = (
                 snapshot.lazy()
                 .with_row_index("snapshot_row")
                 .with_columns(identity_hash=identity_hash())
             )
-        # One index at a time, each from a pass over its own column: the halves of both at once
-        # and their sorted copies took twice the memory of the finished indexes.
-        identity = pl.col("identity_hash")
-        ids = self._snapshot.select(
-            high=identity.floordiv(2**64).cast(pl.UInt64), low=(identity % 2**64).cast(pl.UInt64)
-        ).collect(engine="streaming")
-        self.entities = ids.height
-        self.identities = HashIndex(
-            ids.get_column("high").to_numpy(), ids.get_column("low").to_numpy()
-        )
-        del ids
+            self.entities = snapshot.height
         self._loaded = (
             self._snapshot.clear().select(pl.exclude("entity", "identity_hash")).collect()
         )
 
     @cached_property
-    def raw(self) -> HashIndex:
-        """The raw hashes of the rows that have one, each with its row. Built when first asked
-        for: the diff and the plan read rows by it, the publish step's checks never do."""
+    def identities(self) -> HashIndex:
+        """The identity hash of every row. Built when first asked for: in the diff step, after
+        the parse and its raw-hash index are done with."""
+        identity = pl.col("identity_hash")
+        ids = self._snapshot.select(
+            high=identity.floordiv(2**64).cast(pl.UInt64), low=(identity % 2**64).cast(pl.UInt64)
+        ).collect(engine="streaming")
+        return HashIndex(ids.get_column("high").to_numpy(), ids.get_column("low").to_numpy())
+
+    def raw_index(self) -> HashIndex:
+        """The raw hashes of the rows that have one, each with its row: what recognises a
+        batch's unchanged lines. Built anew at each call and not kept: only the parse needs it
+        (about 22 bytes a row), and the diff and the plan follow it."""
         raw = pl.col("raw_hash")
         known = (
             self._snapshot.filter(raw.is_not_null())  # rows of older snapshots may have none
@@ -142,11 +144,11 @@ class SnapshotView:
         )
 
     @cached_property
-    def _raw_at(self) -> np.ndarray:
-        """Where each row's raw hash is in the raw index (-1: it has none): rows are read by
-        their raw hashes, a column the reader filters on before decoding the others."""
-        at = np.full(self.entities, -1, dtype=np.int32)
-        at[self.raw.rows] = np.arange(len(self.raw), dtype=np.int32)
+    def _identity_at(self) -> np.ndarray:
+        """Where each row's identity hash is in the identity index: rows are read by their
+        identity hashes, a column the reader filters on before decoding the others."""
+        at = np.empty(self.entities, dtype=np.int32)
+        at[self.identities.rows] = np.arange(len(self.identities), dtype=np.int32)
         return at
 
     def rows(self, numbers: np.ndarray) -> pl.DataFrame:
@@ -155,17 +157,13 @@ class SnapshotView:
         wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
         missing = wanted.filter(~wanted.is_in(self._loaded.get_column("snapshot_row").implode()))
         if missing.len():
-            at = self._raw_at[missing.to_numpy()]
-            at = at[at >= 0]
-            raw_hashes = pl.DataFrame({"high": self.raw.high[at], "low": self.raw.low[at]}).select(
-                pl.col("high").cast(pl.UInt128) * 2**64 + pl.col("low").cast(pl.UInt128)
-            )
+            at = self._identity_at[missing.to_numpy()]
+            hashes = pl.DataFrame(
+                {"high": self.identities.high[at], "low": self.identities.low[at]}
+            ).select(pl.col("high").cast(pl.UInt128) * 2**64 + pl.col("low").cast(pl.UInt128))
             read = (
-                self._snapshot.select(pl.exclude("entity", "identity_hash"))
-                .filter(
-                    pl.col("raw_hash").is_in(raw_hashes.to_series().implode())
-                    | pl.col("raw_hash").is_null()
-                )
+                self._snapshot.filter(pl.col("identity_hash").is_in(hashes.to_series().implode()))
+                .select(pl.exclude("entity", "identity_hash"))
                 .filter(pl.col("snapshot_row").is_in(missing.implode()))
                 .collect(engine="streaming")
             )
@@ -225,8 +223,8 @@ def as_view(snapshot: pl.DataFrame | SnapshotView) -> SnapshotView:
 
 def recognisable(snapshot: pl.DataFrame | SnapshotView) -> HashIndex:
     """The snapshot's raw hashes, each with its row: batch lines with one of these are unchanged
-    (not parsed), and take identity, hash and guid from that row."""
-    return as_view(snapshot).raw
+    (not parsed), and take identity, hash and guid from that row. Hold it for the parse only."""
+    return as_view(snapshot).raw_index()
 
 
 def derive_source(parsed: ParsedEntities) -> str | list[str]:

@@ -144,6 +144,7 @@ def run_diff(
         # Each data file is streamed from S3 once, parsed and verified on the same read; a batch
         # that fails verification is quarantined below, and what was parsed of it discarded.
         parsed, problems = parse_batch(s3, batch, settings.volatile_attributes, known_raw=known)
+        del known  # the raw-hash index serves the parse only: the diff reads rows by identity
     if parsed is not None and not problems:
         if summary.source is None:
             derived = derive_source(parsed)

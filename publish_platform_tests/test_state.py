@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import numpy as np
 import polars as pl
 import pytest
 
+from publish_platform.diff import SnapshotView
 from publish_platform.state import (
     Pointer,
     StaleStateError,
@@ -140,6 +142,11 @@ def test_identity_hashes_are_stored_and_used_only_by_the_polars_that_wrote_them(
         assert scanned.columns == ["row", *SNAPSHOT.columns, "identity_hash"]
         assert scanned["identity_hash"].equals(expected, check_names=False), name
         assert scanned["entity"].null_count() == 2  # no payload unless asked
+        # A diff reads rows by their identity hashes, whichever way they were had.
+        view = SnapshotView(tmp_path / f"{name}.parquet")
+        read = view.rows(np.array([1]))
+        assert read.select("type_name", "qualified_name").rows() == [SNAPSHOT.row(1)[:2]], name
+        assert view.rows_of(SNAPSHOT.select("type_name", "qualified_name")).height == 2, name
 
 
 def test_references_are_stored_as_text_and_read_back_from_snapshots_of_any_age(tmp_path):
