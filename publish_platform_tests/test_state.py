@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from publish_platform.diff import SnapshotView
 from publish_platform.state import (
+    ROW_GROUP_ROWS,
     Pointer,
     StaleStateError,
     StateStore,
@@ -313,3 +316,17 @@ def test_a_pointer_write_whose_answer_was_lost_commits_once(s3_faults, settings,
     assert [p.serial for p in store.history(SOURCE)] == list(range(1, serial + 1))
     with pytest.raises(StaleStateError, match="moved during publish|plan expected"):
         store.advance_pointer(pointer(serial), expected_serial=serial - 1)
+
+
+def test_frames_are_stored_in_bounded_row_groups_and_read_as_one_chunk(store):
+    """Encoded a row group at a time (polars' default group of up to 512k rows is encoded whole:
+    a copy of the batch's changed JSON), and read back as one chunk (joins of a frame of many
+    chunks copy its strings)."""
+    frame = pl.DataFrame({"n": range(ROW_GROUP_ROWS * 2 + 1), "entity": "{}"})
+    key = store.batch_key("app/wf/run-1", "diff.parquet")
+    store.put_frame(key, frame)
+    stored = store.get_bytes(key)
+    assert stored is not None
+    assert pq.ParquetFile(io.BytesIO(stored[0])).metadata.num_row_groups == 3
+    read = store.get_frame(key)
+    assert read.equals(frame) and read.n_chunks() == 1
