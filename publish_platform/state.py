@@ -102,7 +102,7 @@ def _decoded_references() -> pl.Expr:
 # is streamed into the next: what bounds the memory of writing and streaming them. polars'
 # defaults make a group of up to 512k rows, encoded whole: streaming a 5M-entity snapshot took
 # 4.4 GB (with these, 0.65 GB and no more time); writing 244k changed entities (270 MB of JSON)
-# took 300 MB more (with these, 60 MB).
+# took 310 MB more (with these, 100 MB).
 ROW_GROUP_ROWS = 20_000
 SNAPSHOT_STREAM_ROWS = 5_000
 
