@@ -229,7 +229,7 @@ def measure_naive(folder: Path) -> dict[str, float]:
 def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
     """What the diff and plan steps compute for a batch (imports are done by the caller):
     ``snapshot`` is a snapshot file, as the diff step reads it, or a frame."""
-    from publish_platform.diff import SnapshotView, diff_batch
+    from publish_platform.diff import SnapshotView, diff_batch, recognisable
     from publish_platform.entities import parse_files
     from publish_platform.plan import build_plan
 
@@ -243,7 +243,7 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
     parsed = parse_files(
         [(f"{version}.jsonl", pieces(folder / f"{version}.jsonl"))],
         DEFAULT_VOLATILE_ATTRIBUTES,
-        known_raw=view.raw_index(),  # for the parse only, as in the diff step
+        known_raw=recognisable(view),  # for the parse only, as in the diff step
     )
     diff = diff_batch(parsed, view, SOURCE, "full")
     # The platform's plan is a step of its own: the parsed batch is gone by then.

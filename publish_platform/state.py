@@ -316,9 +316,7 @@ class StateStore:
                 snapshot_parquet(snapshot, ours)
             try:
                 with open(ours, "rb") as body:
-                    self.s3.put_object(
-                        Bucket=self.location.bucket, Key=key, Body=body, IfNoneMatch="*"
-                    )
+                    self.put_bytes(key, body, IfNoneMatch="*")
             except ClientError as exc:
                 if not _precondition_failed(exc):
                     raise

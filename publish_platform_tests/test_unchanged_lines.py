@@ -187,7 +187,7 @@ def test_a_snapshot_file_diffs_and_plans_like_the_frame_whatever_it_was_written_
 
     def outcome(source: pl.DataFrame | SnapshotView) -> tuple:
         view = as_view(source)
-        parsed = parse_files(lines, VOLATILE, known_raw=view.raw_index())
+        parsed = parse_files(lines, VOLATILE, known_raw=recognisable(view))
         diff = diff_batch(parsed, view, SOURCE, "full")
         plan = build_plan(diff, "app/wf/run-2", 1)
         operations = plan.operations.drop("entity", "raw_hash").rows()
