@@ -36,6 +36,7 @@ from publish_platform.plan import (
     CheckOutcome,
     Plan,
     PlanHeader,
+    blocking_checks,
     blocking_failures,
     build_plan,
     evaluate_checks,
@@ -326,11 +327,16 @@ def write_plan(state: StateStore, plan: Plan) -> None:
     )
 
 
-def read_plan(state: StateStore, partition_key: str) -> Plan:
+def read_plan_header(state: StateStore, partition_key: str) -> PlanHeader:
     found = state.get_bytes(state.batch_key(partition_key, "plan.json"))
     if found is None:
         raise FileNotFoundError(f"no plan stored for {partition_key}: materialize plan first")
-    header = PlanHeader.model_validate_json(found[0])
+    return PlanHeader.model_validate_json(found[0])
+
+
+def read_plan(state: StateStore, partition_key: str) -> Plan:
+    """The whole stored plan, in memory (the publish step streams its operations instead)."""
+    header = read_plan_header(state, partition_key)
     operations = state.get_frame(state.batch_key(partition_key, "plan.parquet"))
     isolated_raw = state.get_bytes(state.batch_key(partition_key, "plan-isolated.jsonl"))
     rows = [orjson.loads(line) for line in (isolated_raw[0] if isolated_raw else b"").splitlines()]
@@ -375,66 +381,77 @@ def run_publish(
         result.outcome = "superseded" if summary.outcome == "superseded" else "not_publishable"
         result.duration_s = time.perf_counter() - started
         return result
-    plan = read_plan(state, partition_key)
-    source = plan.header.source
+    header = read_plan_header(state, partition_key)
+    source = header.source
     published = state.current_pointer(source)
     current = published.serial if published else 0
-    if current != plan.header.base_serial:
+    if current != header.base_serial:
         raise StalePlanError(
-            f"plan for {partition_key} was computed against serial {plan.header.base_serial} of"
+            f"plan for {partition_key} was computed against serial {header.base_serial} of"
             f" {source}, which is now at {current}: re-plan"
         )
-    superseded = supersession(published, plan.header.source_timestamp)
+    superseded = supersession(published, header.source_timestamp)
     if superseded is not None:
         result.outcome = "superseded"
         result.duration_s = time.perf_counter() - started
         return result
-    result.operations = plan.operations.height
     result.serial = current
-    if plan.operations.height == 0:
-        result.outcome = "nothing_to_publish"
-        _advance_watermark(state, published, plan, partition_key)
-        result.duration_s = time.perf_counter() - started
-        return result
-
-    # The base snapshot as a file: its identity index for the checks, then streamed into the
-    # next snapshot (its payload never held whole: a large source's takes gigabytes).
-    base = open_snapshot(state, source, current)
-    # The blocking checks again, on the stored plan: whatever runs this step (a retry of the
-    # step alone, a re-execution from failure, the CLI), a held plan is never applied unless
-    # the approval recorded with it lets it through.
-    held = blocking_failures(
-        evaluate_checks(plan, base, settings.deletion_threshold_for(source), plan.header.approval)
-    )
-    if held:
-        raise PlanHeldError(
-            f"plan for {partition_key} fails blocking checks: "
-            + "; ".join(c.description for c in held)
-        )
-
-    checkpoint = ChunkCheckpoint(state, partition_key, plan.header.plan_id, RESULT_SCHEMA)
-    outcome = execute_plan(
-        plan.operations,
-        metastore,
-        settings.publish_chunk_size,
-        settings.purge_deletes,
-        progress,
-        checkpoint,
-        retry_tiers(),
-        on_retry,
-        source,
-    )
-    serial = current + 1
-    rows = scan_snapshot(base.path, payload=True) if base.path else empty_snapshot()
+    # The plan and the base snapshot as files, streamed: neither is held whole (a large
+    # source's take gigabytes).
     with tempfile.TemporaryDirectory(prefix="publish-platform-publish-") as scratch:
-        snapshot = Path(scratch) / "next.parquet"
-        snapshot_parquet(next_snapshot(rows, plan.operations, outcome.results), snapshot)
-        snapshot_key = state.write_snapshot(source, serial, snapshot, plan.header.plan_id)
+        folder = Path(scratch)
+        operations = pl.scan_parquet(
+            state.download(state.batch_key(partition_key, "plan.parquet"), folder / "plan.parquet")
+        )
+        result.operations = operations.select(pl.len()).collect().item()
+        if result.operations == 0:
+            result.outcome = "nothing_to_publish"
+            _advance_watermark(state, published, header, partition_key)
+            result.duration_s = time.perf_counter() - started
+            return result
+        # The blocking checks again, on the stored plan: whatever runs this step (a retry of
+        # the step alone, a re-execution from failure, the CLI), a held plan is never applied
+        # unless the approval recorded with it lets it through.
+        threshold = settings.deletion_threshold_for(source)
+        held = blocking_failures(blocking_checks(header, operations, threshold, header.approval))
+        if held:
+            raise PlanHeldError(
+                f"plan for {partition_key} fails blocking checks: "
+                + "; ".join(c.description for c in held)
+            )
+
+        checkpoint = ChunkCheckpoint(state, partition_key, header.plan_id, RESULT_SCHEMA)
+        outcome = execute_plan(
+            operations,
+            metastore,
+            settings.publish_chunk_size,
+            settings.purge_deletes,
+            progress,
+            checkpoint,
+            retry_tiers(),
+            on_retry,
+            source,
+        )
+        serial = current + 1
+        base = state.download_snapshot(source, current, folder)
+        rows = scan_snapshot(base, payload=True) if base else empty_snapshot()
+        snapshot = folder / "next.parquet"
+        snapshot_parquet(next_snapshot(rows, operations, outcome.results), snapshot)
+        snapshot_key = state.write_snapshot(source, serial, snapshot, header.plan_id)
         entities, relationships = (
             scan_snapshot(snapshot)
             .select(pl.len(), pl.col("references").list.len().sum())
             .collect(engine="streaming")
             .row(0)
+        )
+        failed = outcome.results.filter(~pl.col("ok")).head(ISSUE_PREVIEW)
+        result.failures_preview = (
+            operations.filter(pl.col("seq").is_in(failed.get_column("seq").implode()))
+            .select("seq", "type_name", "qualified_name")
+            .collect()
+            .join(failed, on="seq")
+            .select("type_name", "qualified_name", "error")
+            .to_dicts()
         )
     state.advance_pointer(
         Pointer(
@@ -442,13 +459,12 @@ def run_publish(
             serial=serial,
             snapshot_key=snapshot_key,
             partition_key=partition_key,
-            source_timestamp=plan.header.source_timestamp,
+            source_timestamp=header.source_timestamp,
             published_at=datetime.now(UTC),
             entities=entities,
         ),
         expected_serial=current,
     )
-    failed = outcome.results.filter(~pl.col("ok")).join(plan.operations, on="seq")
     result.outcome = "published"
     result.serial = serial
     result.snapshot_key = state.url(snapshot_key)
@@ -460,20 +476,17 @@ def run_publish(
     result.immediate_retries = outcome.immediate_retries
     result.snapshot_entities = entities
     result.snapshot_relationships = int(relationships or 0)
-    result.failures_preview = (
-        failed.select("type_name", "qualified_name", "error").head(ISSUE_PREVIEW).to_dicts()
-    )
     result.duration_s = time.perf_counter() - started
     return result
 
 
 def _advance_watermark(
-    state: StateStore, current: Pointer | None, plan: Plan, partition_key: str
+    state: StateStore, current: Pointer | None, header: PlanHeader, partition_key: str
 ) -> None:
     """A batch with nothing to change still proves the source's state as of its timestamp:
     commit that (same snapshot, next serial), so that older batches landing later are
     superseded. Zero metastore writes; one state-store commit."""
-    stamp = plan.header.source_timestamp
+    stamp = header.source_timestamp
     if current is None or stamp is None:
         return
     if current.source_timestamp is not None and _utc(stamp) <= _utc(current.source_timestamp):
@@ -506,7 +519,7 @@ def publish_with_replan(
         return run_publish(state, settings, metastore, partition_key, progress, on_retry)
     except StalePlanError:
         previous = read_diff(state, partition_key)[0]
-        approval = approval or read_plan(state, partition_key).header.approval
+        approval = approval or read_plan_header(state, partition_key).approval
         run_diff(s3, state, settings, partition_key, force=previous.forced)
         _, _, checks = run_plan(state, settings, partition_key, metastore, approval)
         held = blocking_failures(checks)

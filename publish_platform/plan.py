@@ -369,23 +369,28 @@ def _examples(frame: pl.DataFrame, limit: int = 5) -> list[list[Any]]:
     return [list(row) for row in frame.head(limit).rows()]
 
 
-def check_scope(plan: Plan) -> CheckOutcome:
-    """Every operation touches the batch's own connection, by attribute and by namespace."""
-    source = plan.header.source
-    ops = plan.operations
-    outside = ops.filter(
-        (attribute("connectionQualifiedName") != source)
-        | (
-            (pl.col("qualified_name") != source)
-            & ~pl.col("qualified_name").str.starts_with(source + "/")
+def check_scope(source: str, operations: pl.DataFrame | pl.LazyFrame) -> CheckOutcome:
+    """Every operation touches the batch's own connection, by attribute and by namespace.
+    ``operations`` may be a stored plan's file, scanned: it is read in a stream."""
+    planned = operations.lazy()
+    outside = (
+        planned.filter(
+            (attribute("connectionQualifiedName") != source)
+            | (
+                (pl.col("qualified_name") != source)
+                & ~pl.col("qualified_name").str.starts_with(source + "/")
+            )
         )
-    ).select(IDENTITY)
+        .select(IDENTITY)
+        .collect(engine="streaming")
+    )
+    total = planned.select(pl.len()).collect().item()
     return CheckOutcome(
         name="scope",
         passed=outside.height == 0,
         blocking=True,
         description=(
-            f"all {ops.height} operations are within {source}"
+            f"all {total} operations are within {source}"
             if outside.height == 0
             else f"{outside.height} operation(s) touch entities outside {source}"
         ),
@@ -394,14 +399,13 @@ def check_scope(plan: Plan) -> CheckOutcome:
 
 
 def check_deletion_safety(
-    plan: Plan, threshold: float, approval: Approval | None = None
+    header: PlanHeader, threshold: float, approval: Approval | None = None
 ) -> CheckOutcome:
     """Hold a batch that would delete too much of its source, or that is empty.
 
     An operator's approval lets a held batch through; the check then passes and records who
     approved it and why.
     """
-    header = plan.header
     share = header.deletes / header.snapshot_entities if header.snapshot_entities else 0.0
     metadata: dict[str, Any] = {
         "deletes": header.deletes,
@@ -516,10 +520,22 @@ def evaluate_checks(
     approval: Approval | None,
 ) -> list[CheckOutcome]:
     return [
-        check_scope(plan),
-        check_deletion_safety(plan, threshold, approval),
+        *blocking_checks(plan.header, plan.operations, threshold, approval),
         check_references(plan, snapshot),
         check_required_attributes(plan),
+    ]
+
+
+def blocking_checks(
+    header: PlanHeader,
+    operations: pl.DataFrame | pl.LazyFrame,
+    threshold: float,
+    approval: Approval | None,
+) -> list[CheckOutcome]:
+    """The checks that hold a plan: what the publish step runs again on the plan it applies."""
+    return [
+        check_scope(header.source, operations),
+        check_deletion_safety(header, threshold, approval),
     ]
 
 

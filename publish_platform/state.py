@@ -211,6 +211,16 @@ class StateStore:
             raise
         return response["Body"].read(), response["ETag"]
 
+    def download(self, key: str, target: Path) -> Path:
+        """An object streamed to a file (large ones are never held whole in memory)."""
+        try:
+            self.s3.download_file(self.location.bucket, key, str(target))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise FileNotFoundError(self.url(key)) from exc
+            raise
+        return target
+
     def put_frame(self, key: str, frame: pl.DataFrame, **conditions: str) -> str:
         buffer = io.BytesIO()
         frame.write_parquet(buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
@@ -257,14 +267,7 @@ class StateStore:
         if serial == 0:
             return None
         key = self.snapshot_key_of(source, serial)
-        path = folder / f"snapshot-{serial}.parquet"
-        try:
-            self.s3.download_file(self.location.bucket, key, str(path))
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                raise FileNotFoundError(self.url(key)) from exc
-            raise
-        return path
+        return self.download(key, folder / f"snapshot-{serial}.parquet")
 
     def snapshot_key_of(self, source: str, serial: int) -> str:
         """The committed snapshot of a serial: the pointer's, or the history's for older ones."""

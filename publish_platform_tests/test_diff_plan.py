@@ -145,7 +145,7 @@ def test_incremental_batch_never_deletes(fixture_snapshot):
     assert ops_of(diff, "update") == {("Table", qn("sales/orders"))}
     plan = build_plan(diff, PK, 1)
     assert plan.header.deletes == 0
-    assert check_deletion_safety(plan, 0.0).passed
+    assert check_deletion_safety(plan.header, 0.0).passed
     # The same batch as a full snapshot would delete every column.
     full = diff_batch(parse(batch), fixture_snapshot, UPSTREAM_SOURCE, "full")
     assert full.count("delete") == 25
@@ -299,8 +299,8 @@ def test_empty_plan_preview():
     assert all(
         c.passed
         for c in (
-            check_scope(plan),
-            check_deletion_safety(plan, 0.0),
+            check_scope(plan.header.source, plan.operations),
+            check_deletion_safety(plan.header, 0.0),
             check_references(plan, snapshot),
             check_required_attributes(plan),
         )
@@ -314,12 +314,12 @@ def test_deletion_safety_holds_a_batch_above_the_threshold():
     snapshot, batch = reshaped_source()
     plan = build_plan(diff_batch(batch, snapshot, SOURCE, "full"), PK, 1)  # 3 of 8 = 37.5%
 
-    held = check_deletion_safety(plan, threshold=0.3)
+    held = check_deletion_safety(plan.header, threshold=0.3)
     assert not held.passed and held.blocking
     assert held.metadata["deletion_share"] == 0.375
     assert "held for an operator" in held.description
 
-    allowed = check_deletion_safety(plan, threshold=0.5)
+    allowed = check_deletion_safety(plan.header, threshold=0.5)
     assert allowed.passed and allowed.metadata["deletes"] == 3
 
 
@@ -327,21 +327,21 @@ def test_deletion_safety_holds_an_empty_full_batch_whatever_the_threshold():
     snapshot = published(parse(small_source()), SOURCE)
     plan = build_plan(diff_batch(parse([]), snapshot, SOURCE, "full"), PK, 1)
     assert plan.header.deletes == 8
-    held = check_deletion_safety(plan, threshold=1.0)
+    held = check_deletion_safety(plan.header, threshold=1.0)
     assert not held.passed and held.blocking
     assert "empty full batch" in held.description
     # An empty incremental batch deletes nothing and is fine.
     incremental = build_plan(diff_batch(parse([]), snapshot, SOURCE, "incremental"), PK, 1)
-    assert check_deletion_safety(incremental, threshold=0.0).passed
+    assert check_deletion_safety(incremental.header, threshold=0.0).passed
     # The very first batch of a source has nothing to delete.
     first = build_plan(diff_batch(parse(small_source()), empty_snapshot(), SOURCE, "full"), PK, 0)
-    assert check_deletion_safety(first, threshold=0.0).passed
+    assert check_deletion_safety(first.header, threshold=0.0).passed
 
 
 def test_scope_check_catches_an_operation_outside_the_source():
     snapshot, batch = reshaped_source()
     plan = build_plan(diff_batch(batch, snapshot, SOURCE, "full"), PK, 1)
-    assert check_scope(plan).passed
+    assert check_scope(plan.header.source, plan.operations).passed
 
     # Screening keeps such rows out of a diff; the check is the last line of defence.
     intruder = entity("Table", "db/s/t", source="default/other/9")
@@ -365,7 +365,8 @@ def test_scope_check_catches_an_operation_outside_the_source():
         schema=DIFF_SCHEMA,
     )
     diff = DiffResult(SOURCE, "full", changes, 2, 2, 0)
-    outcome = check_scope(build_plan(diff, PK, 0))
+    plan = build_plan(diff, PK, 0)
+    outcome = check_scope(plan.header.source, plan.operations)
     assert not outcome.passed and outcome.blocking
     assert outcome.metadata["out_of_scope"] == 2
 

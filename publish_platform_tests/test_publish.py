@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import orjson
 import polars as pl
 import pytest
 
+from publish_platform import publish
 from publish_platform.diff import diff_batch
 from publish_platform.entities import parse_files
 from publish_platform.metastores.base import EntityWrite, Identity, WriteResult
@@ -342,3 +343,54 @@ def test_references_travel_with_their_entity_through_splits_and_resumes(catalog)
         for r in row["references"] or ()
     }
     assert expected and catalog.relationships(UPSTREAM_SOURCE) == expected
+
+
+def test_a_stored_plan_is_executed_a_part_at_a_time_as_it_would_be_whole(
+    tmp_path, catalog, monkeypatch
+):
+    """The publish step reads its plan from the file in parts (so its memory does not grow
+    with the plan): entities, references, results and the next snapshot are what the plan in
+    memory gives, and a failure in one part is isolated as in one plan."""
+    monkeypatch.setattr(publish, "PLAN_PART_ROWS", 12)  # parts of 10 operations: 2 chunks of 5
+    read: list[int] = []
+    parts_of = publish._plan_parts
+
+    def recorded(*args: object) -> Iterator[pl.DataFrame]:
+        for part in parts_of(*args):  # type: ignore[arg-type]
+            read.append(part.height)
+            yield part
+
+    monkeypatch.setattr(publish, "_plan_parts", recorded)
+    plan = first_plan()
+    stored = tmp_path / "plan.parquet"
+    plan.operations.write_parquet(stored, row_group_size=3)
+    whole, parted = EntityByEntityMetastore(), EntityByEntityMetastore()
+
+    expected = execute_plan(plan.operations, whole, chunk_size=5, source=UPSTREAM_SOURCE)
+    outcome = execute_plan(pl.scan_parquet(stored), parted, chunk_size=5, source=UPSTREAM_SOURCE)
+
+    assert read == [10, 10, 10, 8] + [10, 10, 10, 8]  # the plan in memory is sliced alike
+    assert parted.seen == whole.seen and len(parted.seen) == 38
+    assert outcome.results.equals(expected.results)
+    assert (
+        next_snapshot(empty_snapshot(), pl.scan_parquet(stored), outcome.results)
+        .collect(engine="streaming")
+        .equals(next_snapshot(empty_snapshot(), plan.operations, expected.results).collect())
+    )
+
+    poison = qn("sales/orders/amount")
+    isolated = execute_plan(pl.scan_parquet(stored), PoisonMetastore(catalog, {poison}), 5)
+    assert (isolated.succeeded, isolated.failed) == (37, 1)
+    assert isolated.errors[0]["qualified_name"] == poison
+
+
+def test_next_snapshot_refuses_results_that_are_not_one_per_operation():
+    """Results are set beside their operations by position: a missing or extra one would pair
+    an entity with another's outcome and guid, so it is refused before anything is written."""
+    plan = first_plan()
+    results = _all_ok(plan)
+    for wrong in (results.slice(1), pl.concat([results, results.tail(1)]), results.reverse()):
+        if wrong.equals(results.reverse()):
+            wrong = wrong.with_columns(seq=pl.col("seq").reverse() + 1)
+        with pytest.raises(ValueError, match="not one per operation"):
+            next_snapshot(empty_snapshot(), plan.operations, wrong)

@@ -40,7 +40,7 @@ from publish_platform.defs import defs
 from publish_platform.landing import RunRef
 from publish_platform.local_s3 import free_port
 from publish_platform.pipeline import PlanHeldError, read_plan, run_diff, run_plan, run_publish
-from publish_platform.plan import PLAN_SCHEMA, Plan, PlanHeader, check_scope
+from publish_platform.plan import PLAN_SCHEMA, check_scope
 from publish_platform.publish_state import PublishStatus, derive_states
 from publish_platform.runtime import write_instance_yaml
 from publish_platform.state import StateStore, source_segment
@@ -230,8 +230,8 @@ def test_planted_secrets_appear_nowhere(
 OTHER = "default/test/10"  # shares "default/test/1" as a string prefix, not as a namespace
 
 
-def _plan(source: str, entities: list[dict]) -> Plan:
-    """A plan creating ``entities``, stored as build_plan stores one."""
+def _operations(entities: list[dict]) -> pl.DataFrame:
+    """The operations of a plan creating ``entities``, as build_plan makes them."""
     rows = [
         {
             **dict.fromkeys(PLAN_SCHEMA),
@@ -243,8 +243,7 @@ def _plan(source: str, entities: list[dict]) -> Plan:
         }
         for seq, e in enumerate(entities)
     ]
-    header = PlanHeader(partition_key="test/wf/scope", source=source, mode="full", base_serial=0)
-    return Plan(header, pl.DataFrame(rows, schema=PLAN_SCHEMA))
+    return pl.DataFrame(rows, schema=PLAN_SCHEMA)
 
 
 def test_scope_check_refuses_entities_outside_the_source_namespace() -> None:
@@ -256,8 +255,10 @@ def test_scope_check_refuses_entities_outside_the_source_namespace() -> None:
     # "default/test/10": starts with the source's name, but is not in its namespace.
     prefix_trap = entity("Database", "", SOURCE, qualifiedName=f"{SOURCE}0")
 
-    assert check_scope(_plan(SOURCE, [inside])).passed
-    refused = check_scope(_plan(SOURCE, [inside, other_connection, outside_namespace, prefix_trap]))
+    assert check_scope(SOURCE, _operations([inside])).passed
+    refused = check_scope(
+        SOURCE, _operations([inside, other_connection, outside_namespace, prefix_trap])
+    )
     assert not refused.passed and refused.blocking
     assert refused.description == f"3 operation(s) touch entities outside {SOURCE}"
     assert refused.metadata["out_of_scope"] == 3
