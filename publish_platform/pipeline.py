@@ -420,6 +420,7 @@ def run_publish(
                 + "; ".join(c.description for c in held)
             )
 
+        base = state.download_snapshot(source, current, folder)
         checkpoint = ChunkCheckpoint(state, partition_key, header.plan_id, RESULT_SCHEMA)
         outcome = execute_plan(
             operations,
@@ -433,7 +434,6 @@ def run_publish(
             source,
         )
         serial = current + 1
-        base = state.download_snapshot(source, current, folder)
         rows = scan_snapshot(base, payload=True) if base else empty_snapshot()
         snapshot = folder / "next.parquet"
         snapshot_parquet(next_snapshot(rows, operations, outcome.results), snapshot)
