@@ -108,16 +108,7 @@ def execute_plan(
                 chunk, start, references, metastore, purge, outcome, tiers, on_retry, source
             ):
                 applied.append(_results_frame(operations_done, results))
-                if not isinstance(results, WriteResults):  # those all succeeded
-                    outcome.errors += [
-                        {
-                            "type_name": r.type_name,
-                            "qualified_name": r.qualified_name,
-                            "error": r.error,
-                        }
-                        for r in results
-                        if not r.ok
-                    ]
+                outcome.errors += _errors(results)
             part = applied[0] if len(applied) == 1 else pl.concat(applied, how="vertical")
             if checkpoint is not None:
                 checkpoint.record(part)
@@ -128,6 +119,16 @@ def execute_plan(
     outcome.results = _in_plan_order(pl.concat(parts, how="vertical"))
     outcome.duration_s = time.perf_counter() - started
     return outcome
+
+
+def _errors(results: Sequence[WriteResult]) -> list[dict]:
+    if isinstance(results, WriteResults):  # those all succeeded
+        return []
+    return [
+        {"type_name": r.type_name, "qualified_name": r.qualified_name, "error": r.error}
+        for r in results
+        if not r.ok
+    ]
 
 
 def _in_plan_order(results: pl.DataFrame) -> pl.DataFrame:
