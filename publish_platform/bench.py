@@ -318,6 +318,19 @@ def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:
     }
 
 
+def measure_first_diff_plan(folder: Path) -> dict[str, float]:
+    """Diff and plan of v1 with nothing published yet (a source's first batch): every line is
+    parsed and planned. Measured once, for its time and memory: not compared with a baseline."""
+    import publish_platform.diff
+    import publish_platform.entities
+    import publish_platform.plan  # noqa: F401 - imported before the clock starts
+    from publish_platform.state import empty_snapshot
+
+    started = time.perf_counter()
+    plan = _diff_plan(folder, "v1", empty_snapshot())
+    return {"seconds": time.perf_counter() - started, "creates": plan.header.creates}
+
+
 def measure_publish(folder: Path) -> dict[str, float]:
     """The first publish of v1 (every entity created) into a fresh SQLite catalog, as the
     publish step runs it: the plan streamed from its file, then the next snapshot streamed to
@@ -500,6 +513,7 @@ PHASES = {
     "parse_floor": measure_parse_floor,
     "naive": measure_naive,
     "diff_plan": measure_diff_plan,
+    "first_diff_plan": measure_first_diff_plan,
     "publish": measure_publish,
     "sensor_tick": lambda arg: measure_sensor_tick(int(str(arg))),
     "latency": lambda arg: measure_latency(int(str(arg))),
@@ -544,6 +558,7 @@ def run_bench(
             for phase, measured in runs.items():
                 measured.append(_run_phase(phase, folder))
         floor, naive, platform = (_median_run(runs[phase]) for phase in runs)
+        first = _run_phase("first_diff_plan", folder)
         publish = _run_phase("publish", folder)
         v2_bytes = (folder / "v2.jsonl").stat().st_size
     return {
@@ -566,6 +581,9 @@ def run_bench(
         },
         "plan": {k: platform[k] for k in ("creates", "updates", "deletes", "operations")},
         "naive_found": {k: naive[k] for k in ("creates", "updates", "deletes")},
+        # A source's first batch (no snapshot yet): every line parsed, planned in memory.
+        "first_diff_plan_s": round(first["seconds"], 3),
+        "first_diff_plan_peak_rss_mb": round(first["peak_rss_mb"], 1),
         "publish_entities_per_s": round(publish["entities_per_s"], 1),
         "publish_s": round(publish["seconds"], 3),
         "publish_snapshot_s": round(publish["snapshot_s"], 3),
