@@ -389,8 +389,16 @@ def test_next_snapshot_refuses_results_that_are_not_one_per_operation():
     an entity with another's outcome and guid, so it is refused before anything is written."""
     plan = first_plan()
     results = _all_ok(plan)
-    for wrong in (results.slice(1), pl.concat([results, results.tail(1)]), results.reverse()):
-        if wrong.equals(results.reverse()):
-            wrong = wrong.with_columns(seq=pl.col("seq").reverse() + 1)
+    expected = next_snapshot(empty_snapshot(), plan.operations, results).collect()
+    # In another order they are still one per operation: sorted, they give the same snapshot.
+    assert (
+        next_snapshot(empty_snapshot(), plan.operations, results.reverse())
+        .collect()
+        .equals(expected)
+    )
+    missing = results.slice(1)
+    extra = pl.concat([results, results.tail(1)])
+    of_other_operations = results.with_columns(pl.col("seq") + 1)
+    for wrong in (missing, extra, of_other_operations):
         with pytest.raises(ValueError, match="not one per operation"):
             next_snapshot(empty_snapshot(), plan.operations, wrong)
