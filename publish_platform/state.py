@@ -206,7 +206,7 @@ class StateStore:
         try:
             response = self.s3.get_object(Bucket=self.location.bucket, Key=key)
         except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            if _not_found(exc):
                 return None
             raise
         return response["Body"].read(), response["ETag"]
@@ -216,7 +216,7 @@ class StateStore:
         try:
             self.s3.download_file(self.location.bucket, key, str(target))
         except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            if _not_found(exc):
                 raise FileNotFoundError(self.url(key)) from exc
             raise
         return target
@@ -382,6 +382,10 @@ class StateStore:
             for entry in page.get("CommonPrefixes", []):
                 sources.append(unquote(entry["Prefix"][len(prefix) :].rstrip("/")))
         return sources
+
+
+def _not_found(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404")
 
 
 def _precondition_failed(exc: ClientError) -> bool:
