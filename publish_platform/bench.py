@@ -299,15 +299,18 @@ def prepare_snapshot(folder: Path) -> dict[str, float]:
     }
 
 
-def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:
+def measure_diff_plan(folder: Path, version: str = "v2", first: bool = False) -> dict[str, float]:
     """Diff and plan of ``version`` against the snapshot file of v1, reading the snapshot
-    included (as the diff step does: its indexes, then the rows the batch touches)."""
+    included (as the diff step does: its indexes, then the rows the batch touches). ``first``:
+    against no snapshot, as a source's first batch (every line parsed and planned)."""
     import publish_platform.diff
     import publish_platform.entities
     import publish_platform.plan  # noqa: F401 - imported before the clock starts
+    from publish_platform.state import empty_snapshot
 
     started = time.perf_counter()
-    plan = _diff_plan(folder, version, folder / "snapshot-v1.parquet")
+    snapshot = empty_snapshot() if first else folder / "snapshot-v1.parquet"
+    plan = _diff_plan(folder, version, snapshot)
     header = plan.header
     return {
         "seconds": time.perf_counter() - started,
@@ -316,19 +319,6 @@ def measure_diff_plan(folder: Path, version: str = "v2") -> dict[str, float]:
         "deletes": header.deletes,
         "operations": header.operations,
     }
-
-
-def measure_first_diff_plan(folder: Path) -> dict[str, float]:
-    """Diff and plan of v1 with nothing published yet (a source's first batch): every line is
-    parsed and planned. Measured once, for its time and memory: not compared with a baseline."""
-    import publish_platform.diff
-    import publish_platform.entities
-    import publish_platform.plan  # noqa: F401 - imported before the clock starts
-    from publish_platform.state import empty_snapshot
-
-    started = time.perf_counter()
-    plan = _diff_plan(folder, "v1", empty_snapshot())
-    return {"seconds": time.perf_counter() - started, "creates": plan.header.creates}
 
 
 def measure_publish(folder: Path) -> dict[str, float]:
@@ -513,7 +503,8 @@ PHASES = {
     "parse_floor": measure_parse_floor,
     "naive": measure_naive,
     "diff_plan": measure_diff_plan,
-    "first_diff_plan": measure_first_diff_plan,
+    # Measured once, for its time and memory: not compared with a baseline.
+    "first_diff_plan": lambda folder: measure_diff_plan(folder, "v1", first=True),
     "publish": measure_publish,
     "sensor_tick": lambda arg: measure_sensor_tick(int(str(arg))),
     "latency": lambda arg: measure_latency(int(str(arg))),
