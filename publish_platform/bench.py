@@ -226,12 +226,25 @@ def measure_naive(folder: Path) -> dict[str, float]:
     }
 
 
-def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
+def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path]:
     """What the diff and plan steps compute for a batch (imports are done by the caller):
-    ``snapshot`` is a snapshot file, as the diff step reads it, or a frame."""
-    from publish_platform.diff import SnapshotView, diff_batch, recognisable
-    from publish_platform.entities import parse_files
+    ``snapshot`` is a snapshot file, as the diff step reads it, or a frame. As in the steps,
+    the entity JSON is spilled while the batch is parsed and diffed, streamed into the diff's
+    file, and from there into the plan's (local files here, where the steps upload them).
+    Returns the plan's header and its file."""
+    import dataclasses
+    import tempfile
+
+    from publish_platform.diff import (
+        DIFF_SCHEMA,
+        SnapshotView,
+        diff_batch,
+        recognisable,
+        stored_changes,
+    )
+    from publish_platform.entities import parse_files, with_entities
     from publish_platform.plan import build_plan
+    from publish_platform.state import frame_parquet
 
     def pieces(path: Path, size: int = 8 << 20) -> Iterator[bytes]:
         """The file in pieces, as an S3 body streams it: never held whole."""
@@ -240,15 +253,26 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> Any:
                 yield piece
 
     view = SnapshotView(snapshot)
-    parsed = parse_files(
-        [(f"{version}.jsonl", pieces(folder / f"{version}.jsonl"))],
-        DEFAULT_VOLATILE_ATTRIBUTES,
-        known_raw=recognisable(view),  # for the parse only, as in the diff step
-    )
-    diff = diff_batch(parsed, view, SOURCE, "full")
-    # The platform's plan is a step of its own: the parsed batch is gone by then.
-    del parsed
-    return build_plan(diff, PARTITION_KEY, 1)
+    with tempfile.TemporaryDirectory(prefix="bench-diff-plan-", dir=folder) as scratch:
+        parsed = parse_files(
+            [(f"{version}.jsonl", pieces(folder / f"{version}.jsonl"))],
+            DEFAULT_VOLATILE_ATTRIBUTES,
+            known_raw=recognisable(view),  # for the parse only, as in the diff step
+            spill=Path(scratch, "entities"),
+        )
+        diff = diff_batch(parsed, view, SOURCE, "full")
+        # The platform's plan is a step of its own: the parsed batch is gone by then.
+        del parsed
+        stored = Path(scratch, "diff.parquet")
+        changes = with_entities(diff.changes, diff.entities, Path(scratch, "diff-parts"))
+        frame_parquet(changes.select(list(DIFF_SCHEMA)), stored)
+        changes, entities = stored_changes(stored)
+        plan = build_plan(
+            dataclasses.replace(diff, changes=changes, entities=entities), PARTITION_KEY, 1
+        )
+        planned = folder / f"planned-{version}.parquet"
+        frame_parquet(plan.stored_operations(Path(scratch, "plan-parts")), planned)
+        return plan.header, planned
 
 
 PREPARE_LINES = 500_000  # v1 becomes its snapshot this many lines at a time
@@ -278,9 +302,9 @@ def prepare_snapshot(folder: Path) -> dict[str, float]:
             assert not parsed.issues, parsed.issues[:3]
             parsed.frame.with_columns(
                 guid=pl.Series([new_guid() for _ in range(parsed.frame.height)])
-            ).select(list(SNAPSHOT_SCHEMA)).write_parquet(parts / f"{number:05d}.parquet")
+            ).select(*SNAPSHOT_SCHEMA, "missing").write_parquet(parts / f"{number:05d}.parquet")
     published = pl.scan_parquet(parts / "*.parquet")
-    snapshot_parquet(published, folder / "snapshot-v1.parquet")
+    snapshot_parquet(published.drop("missing"), folder / "snapshot-v1.parquet")
     # In file order, which is parents first: each table before its columns.
     published.with_row_index("seq").with_columns(
         pl.col("seq").cast(pl.Int64), op=pl.lit("create"), guid=pl.lit(None, pl.String)
@@ -310,8 +334,8 @@ def measure_diff_plan(folder: Path, version: str = "v2", first: bool = False) ->
 
     started = time.perf_counter()
     snapshot = empty_snapshot() if first else folder / "snapshot-v1.parquet"
-    plan = _diff_plan(folder, version, snapshot)
-    header = plan.header
+    header, planned = _diff_plan(folder, version, snapshot)
+    planned.unlink()
     return {
         "seconds": time.perf_counter() - started,
         "creates": header.creates,
@@ -345,8 +369,9 @@ def measure_publish(folder: Path) -> dict[str, float]:
         peak_rss_mb = _peak_rss_mb()  # of the publish alone: the no-op batch's diff comes next
         published.unlink()
         before = sum(catalog.versions().values())
-        noop_plan = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
-        execute_plan(noop_plan.operations, catalog, chunk_size=SQL_CHUNK_SIZE, source=SOURCE)
+        noop, planned = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
+        execute_plan(pl.scan_parquet(planned), catalog, chunk_size=SQL_CHUNK_SIZE, source=SOURCE)
+        planned.unlink()
         writes = sum(catalog.versions().values()) - before
     finally:
         catalog.close()
@@ -356,7 +381,7 @@ def measure_publish(folder: Path) -> dict[str, float]:
         "publish_peak_rss_mb": peak_rss_mb,
         "published": outcome.succeeded,
         "entities_per_s": outcome.succeeded / seconds if seconds else 0.0,
-        "noop_operations": noop_plan.header.operations,
+        "noop_operations": noop.operations,
         "noop_writes": writes,
     }
 

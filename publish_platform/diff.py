@@ -44,8 +44,12 @@ TYPE_RANK: dict[str, int] = {
     "Column": 5,
 }
 
-# What a diff holds per entity: the snapshot's columns plus the operation.
-DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA}
+# What a stored diff holds per entity: the snapshot's columns, the operation, and the required
+# attributes the entity lacks ("" when none; null for a delete, or when not known).
+DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA, "missing": pl.String}
+# In memory, the JSON of a row with an ``entity_row`` is not in the frame but in the diff's
+# ``entities`` (``entities.with_entities`` puts it back).
+CHANGES_SCHEMA = {**DIFF_SCHEMA, "entity_row": pl.UInt32}
 
 IDENTITY = ["type_name", "qualified_name"]
 IDENTITY_SCHEMA = {name: pl.String for name in IDENTITY}
@@ -55,7 +59,7 @@ IDENTITY_SCHEMA = {name: pl.String for name in IDENTITY}
 class DiffResult:
     source: str
     mode: Mode
-    changes: pl.DataFrame  # DIFF_SCHEMA: create / update / delete rows
+    changes: pl.DataFrame  # CHANGES_SCHEMA: create / update / delete rows
     lines: int
     valid_entities: int
     snapshot_entities: int
@@ -64,6 +68,8 @@ class DiffResult:
     unchanged: int = 0  # entities of the batch equal to their snapshot row (not listed)
     # The snapshot compared against: where the plan finds the unchanged entities.
     snapshot: SnapshotView | None = field(default=None, repr=False)
+    # Where the JSON of the changes with an ``entity_row`` is (the parse's spill, a stored diff).
+    entities: pl.LazyFrame | None = field(default=None, repr=False)
 
     def count(self, op: str) -> int:
         if op == "unchanged":
@@ -298,6 +304,8 @@ def diff_batch(
                 source_file=pl.col("source_file").cast(pl.String),
                 line=pl.col("line").cast(pl.Int64),
                 raw_hash="raw_hash",
+                missing=pl.lit(None, pl.String),
+                entity_row=pl.lit(None, pl.UInt32),
             ),
         ],
         how="vertical",
@@ -310,16 +318,16 @@ def diff_batch(
         indexed.select(*IDENTITY, "snapshot_row", pl.col("hash").alias("old_hash"), "guid"),
         on=IDENTITY,
     )
-    creates = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti").with_columns(
-        op=pl.lit("create"), guid=pl.lit(None, pl.String)
-    )
+    # (A first batch finds nothing: no anti-join, which would copy the batch.)
+    new = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti") if found.height else batch
+    creates = new.with_columns(op=pl.lit("create"), guid=pl.lit(None, pl.String))
     changed = (pl.col("hash") != pl.col("old_hash")) | pl.lit(force)
     updates = found.filter(changed).with_columns(op=pl.lit("update"))
     # Unchanged entities are counted, not listed: the next snapshot keeps them from the base.
     unchanged = found.height - updates.height + recognised_rows.n_unique() - overlap.height
 
     deletions_withheld = None
-    deletes = pl.DataFrame(schema=DIFF_SCHEMA)
+    deletes = pl.DataFrame(schema=CHANGES_SCHEMA)
     if mode == "full":
         unidentified = [i for i in issues if i.qualified_name is None or i.type_name is None]
         if unidentified:
@@ -341,14 +349,21 @@ def diff_batch(
             )
             deletes = (
                 indexed.filter(~pl.col("snapshot_row").is_in(present.implode()))
-                .with_columns(op=pl.lit("delete"), entity=pl.lit(None, pl.String))
-                .select(list(DIFF_SCHEMA))
+                .with_columns(
+                    op=pl.lit("delete"),
+                    entity=pl.lit(None, pl.String),
+                    missing=pl.lit(None, pl.String),
+                    entity_row=pl.lit(None, pl.UInt32),
+                )
+                .select(list(CHANGES_SCHEMA))
             )
 
+    # Creates and updates in the order of their spilled JSON: read back in one pass.
+    upserts = pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal")
     changes = pl.concat(
         [
-            pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal").select(
-                list(DIFF_SCHEMA)
+            upserts.select(list(CHANGES_SCHEMA)).sort(
+                "entity_row", nulls_last=True, maintain_order=True
             ),
             deletes,
         ],
@@ -366,7 +381,27 @@ def diff_batch(
         deletions_withheld=deletions_withheld,
         unchanged=unchanged,
         snapshot=view,
+        entities=parsed.entities,
     )
+
+
+def stored_changes(path: Path) -> tuple[pl.DataFrame, pl.LazyFrame]:
+    """A stored diff's changes (CHANGES_SCHEMA) without their JSON, which stays in the file:
+    ``entity_row`` is each row's place in it, and the lazy frame reads it from there."""
+    stored = pl.scan_parquet(path)
+    if "missing" not in pl.read_parquet_schema(path):
+        # Stored before the parse checked required attributes: the plan checks the JSON.
+        frame = stored.with_columns(
+            missing=pl.lit(None, pl.String), entity_row=pl.lit(None, pl.UInt32)
+        )
+    else:
+        frame = stored.with_row_index("entity_row").select(
+            pl.exclude("entity", "entity_row"),
+            entity=pl.lit(None, pl.String),
+            entity_row=pl.when(pl.col("op") != "delete").then("entity_row"),  # no JSON
+        )
+    changes = frame.select(list(CHANGES_SCHEMA)).collect(engine="streaming")
+    return changes, stored.select("entity")
 
 
 def screen(
@@ -378,6 +413,8 @@ def screen(
     def isolate(mask: pl.Expr, reason: str, message: str) -> None:
         nonlocal frame
         bad = frame.filter(mask)
+        if not bad.height:  # the usual case: no copy of the batch without them
+            return
         for row in bad.select("source_file", "line", *IDENTITY, "connection_qualified_name").rows(
             named=True
         ):

@@ -8,6 +8,10 @@ processes, machines and library versions and can be persisted in snapshots.
 Most lines of a batch are entities that did not change since the source's last snapshot. The raw
 hash (``RawHasher``: the line's bytes without its volatile attributes) recognises those without
 parsing them; only the lines it does not recognise are parsed, validated and hashed in full.
+
+The entity JSON of those lines is most of what a large batch weighs (a source's first batch is
+all of it): given a spill folder, the parse writes it there a block at a time and the frame keeps
+only where each entity's JSON is (``entity_row``). ``with_entities`` reads it back in a stream.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -33,6 +38,9 @@ Block = list[bytes | memoryview]
 # Deepest nesting an entity may have: orjson serializes (canonical JSON, the content hash) no
 # deeper than this, and parses no deeper than 1024. Deeper lines are isolated, never a crash.
 MAX_DEPTH = 254
+
+# What every entity must have to be published (plan rule): checked when its line is parsed.
+REQUIRED_ATTRIBUTES = ("qualifiedName", "name", "connectionQualifiedName")
 
 # Reference attributes of an entity: which attribute points at which (typeName, qualifiedName).
 REFERENCES = pl.List(
@@ -55,6 +63,10 @@ ENTITY_SCHEMA = {
     "source_file": pl.String,
     "line": pl.Int64,
     "raw_hash": pl.UInt128,
+    # The required attributes the entity lacks ("" when none; null when not checked yet).
+    "missing": pl.String,
+    # Where the entity's JSON is in the spill (``with_entities``): null when ``entity`` holds it.
+    "entity_row": pl.UInt32,
 }
 
 # Lines recognised by their raw hash as unchanged since the snapshot (the row they match in it):
@@ -101,6 +113,14 @@ def content_hash(entity: dict, volatile: frozenset[str]) -> str:
             "attributes": {k: v for k, v in attributes.items() if k not in volatile},
         }
     return hashlib.blake2b(canonical_json(entity), digest_size=16).hexdigest()
+
+
+def missing_required(entity: object) -> str:
+    """The required attributes a parsed entity lacks, comma-separated ("" when none)."""
+    attributes = entity.get("attributes") if isinstance(entity, dict) else None
+    if not isinstance(attributes, dict):
+        return ", ".join(REQUIRED_ATTRIBUTES)
+    return ", ".join(n for n in REQUIRED_ATTRIBUTES if attributes.get(n) in (None, ""))
 
 
 def references_of(attributes: dict) -> list[dict[str, str]]:
@@ -321,6 +341,8 @@ class ParsedEntities:
     lines_by_file: dict[str, int] = field(default_factory=dict)
     # Lines recognised as unchanged by their raw hash (UNCHANGED_SCHEMA), not parsed.
     unchanged: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=UNCHANGED_SCHEMA))
+    # The spilled entity JSON (``spilled_entities``), when the parse was given a folder.
+    entities: pl.LazyFrame | None = None
 
 
 @dataclass
@@ -379,12 +401,15 @@ def parse_files(
     volatile: Iterable[str],
     max_line_bytes: int = MAX_LINE_BYTES,
     known_raw: HashIndex | None = None,
+    spill: Path | None = None,
 ) -> ParsedEntities:
     """Parse JSON-lines files into one frame of valid entities; every bad line becomes an issue.
 
     A file is its bytes or an iterable of pieces of them (streamed). Lines whose raw hash is in
     ``known_raw`` (``diff.recognisable``: the snapshot's raw hashes and rows) are unchanged: they
-    are listed in ``unchanged`` with their snapshot row, and not parsed.
+    are listed in ``unchanged`` with their snapshot row, and not parsed. ``spill``: a folder the
+    entity JSON is written to, a block at a time (``ParsedEntities.entities``), instead of being
+    held in the frame.
     """
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
@@ -396,6 +421,7 @@ def parse_files(
     lines_by_file: dict[str, int] = {}
     last_sync_ms: int | None = None
     known = known_raw if known_raw is not None and len(known_raw) else None
+    spilled = 0
     for block in read_ahead(_scanned_blocks(files, hasher, known)):
         source_file = block.source_file
         total += block.lines
@@ -429,10 +455,16 @@ def parse_files(
             rows["source_file"].append(source_file)
             rows["line"].append(number)
             rows["raw_hash"].append(raw)
+            rows["missing"].append(missing_required(entity))
+            rows["entity_row"].append(None)
         if rows["line"]:
             # A block's rows become a frame at once: the Python strings of a whole batch's
             # changed entities would outweigh the frame (and the allocator keeps what they took).
-            frames.append(_entity_frame(rows))
+            frame = _entity_frame(rows)
+            if spill is not None:
+                frame = _spill(frame, spill, spilled)
+                spilled += frame.height
+            frames.append(frame)
             rows = {name: [] for name in ENTITY_SCHEMA}
     _return_freed_memory()
     return ParsedEntities(
@@ -445,7 +477,78 @@ def parse_files(
         last_sync_ms=last_sync_ms,
         lines_by_file=lines_by_file,
         unchanged=pl.concat(unchanged, how="vertical"),
+        entities=spilled_entities(spill) if spill is not None and spilled else None,
     )
+
+
+def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:
+    """A block's entity JSON written to a file of its own in ``folder``, named by the row it
+    starts at: the files in name order are the spill, row ``entity_row`` of it each entity's
+    JSON. The frame keeps the numbers in its place."""
+    numbered = frame.with_columns(
+        entity_row=pl.int_range(first_row, first_row + frame.height, dtype=pl.UInt32)
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    # lz4: the fastest to write and read back; the files live as long as the step.
+    numbered.select("entity").write_parquet(folder / f"{first_row:010d}.parquet", compression="lz4")
+    return numbered.with_columns(entity=pl.lit(None, pl.String))
+
+
+def spilled_entities(folder: Path) -> pl.LazyFrame:
+    """The spill in ``folder``: one ``entity`` column, row ``entity_row`` an entity's JSON."""
+    return pl.scan_parquet(sorted(folder.glob("*.parquet"))).select("entity")
+
+
+# Rows of JSON read, and of a frame filled, at a time by with_entities.
+FILL_ROWS = 20_000
+
+
+def with_entities(
+    frame: pl.DataFrame, entities: pl.LazyFrame | None, scratch: Path
+) -> pl.LazyFrame:
+    """``frame`` with the JSON of each row that has an ``entity_row`` read into its ``entity``
+    from ``entities`` (an ``entity`` column whose row ``entity_row`` is that row's JSON: a
+    parse's spill, a stored diff).
+
+    Neither is held whole. The frame is filled a chunk at a time, each written to a file in
+    ``scratch``, which must outlive the frame returned (it scans them). A chunk is rows whose
+    ``entity_row`` ascends within one window of FILL_ROWS rows of ``entities``, read by a
+    slice: only that window is decoded. (A join, even streamed, buffered every entity.) A diff
+    reads ``entities`` once; a plan, once per type rank.
+    """
+    if entities is None or frame.get_column("entity_row").null_count() == frame.height:
+        return frame.lazy()
+    row = pl.col("entity_row")
+    held = row.is_null()
+    window = row // FILL_ROWS
+    starts = (
+        frame.select(
+            (
+                (held != held.shift(1)).fill_null(True)
+                | (row <= row.shift(1)).fill_null(False)
+                | (window != window.shift(1)).fill_null(False)
+                | (held & (pl.int_range(pl.len()) % FILL_ROWS == 0))  # rows without JSON
+            )
+            .arg_true()
+            .alias("start")
+        )
+        .get_column("start")
+        .to_list()
+    )
+    scratch.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for number, (start, stop) in enumerate(zip(starts, [*starts[1:], frame.height], strict=True)):
+        # Gathered, not sliced: a slice keeps the whole frame's string buffers, and writing it
+        # went through them all (writing a large plan took quadratic time).
+        chunk = frame.gather(pl.int_range(start, stop, eager=True))
+        wanted = chunk.get_column("entity_row")
+        if not wanted.null_count():
+            first = int(wanted[0])
+            read = entities.slice(first, int(wanted[-1]) - first + 1).collect()
+            chunk = chunk.with_columns(read.get_column("entity").gather(wanted - first))
+        parts.append(scratch / f"{number:08d}.parquet")
+        chunk.write_parquet(parts[-1], compression="lz4")
+    return pl.scan_parquet(parts)
 
 
 def _return_freed_memory() -> None:

@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from publish_platform.config import S3Location
 
 if TYPE_CHECKING:  # imported where used: discovery and ordering need no polars
+    from pathlib import Path
+
     from publish_platform.entities import HashIndex, ParsedEntities
 
 MANIFEST_NAME = "publish-request.json"
@@ -471,7 +473,11 @@ def stream_file(s3: Any, bucket: str, file: LandedFile, sha256s: dict[str, str])
 
 
 def parse_batch(
-    s3: Any, batch: LandedBatch, volatile: Iterable[str], known_raw: HashIndex | None = None
+    s3: Any,
+    batch: LandedBatch,
+    volatile: Iterable[str],
+    known_raw: HashIndex | None = None,
+    spill: Path | None = None,
 ) -> tuple[ParsedEntities, list[BatchProblem]]:
     """Parse the data files of a batch that ``read_batch`` found no problem with, and verify
     them on the same single read of each file: its sha256 against its sidecar and the manifest,
@@ -489,6 +495,7 @@ def parse_batch(
         ((f.relative_key, stream_file(s3, batch.bucket, f, sha256s)) for f in batch.files),
         volatile,
         known_raw=known_raw,
+        spill=spill,
     )
     return parsed, verify_data(batch, sha256s, parsed.lines_by_file)
 

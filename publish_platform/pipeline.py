@@ -26,8 +26,9 @@ from publish_platform.diff import (
     diff_batch,
     open_snapshot,
     recognisable,
+    stored_changes,
 )
-from publish_platform.entities import EntityIssue
+from publish_platform.entities import EntityIssue, with_entities
 from publish_platform.landing import BatchProblem, RunRef, parse_batch, read_batch
 from publish_platform.metastores.base import Metastore
 from publish_platform.plan import (
@@ -55,6 +56,7 @@ from publish_platform.state import (
     StaleStateError,
     StateStore,
     empty_snapshot,
+    frame_parquet,
     scan_snapshot,
     snapshot_parquet,
 )
@@ -115,6 +117,15 @@ class PublishSummary(BaseModel):
 def run_diff(
     s3: Any, state: StateStore, settings: Settings, partition_key: str, force: bool = False
 ) -> DiffSummary:
+    # The batch's entity JSON waits in a scratch folder until diff.parquet is written: a large
+    # batch's (a source's first) would not fit in memory.
+    with tempfile.TemporaryDirectory(prefix="publish-platform-diff-") as scratch:
+        return _run_diff(s3, state, settings, partition_key, force, Path(scratch))
+
+
+def _run_diff(
+    s3: Any, state: StateStore, settings: Settings, partition_key: str, force: bool, spill: Path
+) -> DiffSummary:
     started = time.perf_counter()
     run = RunRef.from_partition_key(partition_key)
     batch = read_batch(s3, settings.landing_location, run)
@@ -144,7 +155,9 @@ def run_diff(
             known = recognisable(snapshot)
         # Each data file is streamed from S3 once, parsed and verified on the same read; a batch
         # that fails verification is quarantined below, and what was parsed of it discarded.
-        parsed, problems = parse_batch(s3, batch, settings.volatile_attributes, known_raw=known)
+        parsed, problems = parse_batch(
+            s3, batch, settings.volatile_attributes, known_raw=known, spill=spill
+        )
         del known  # the raw-hash index serves the parse only: the diff reads rows by identity
     if parsed is not None and not problems:
         if summary.source is None:
@@ -216,7 +229,9 @@ def record_diff(
     summary.issue_counts = diff.issue_counts()
     summary.issues_preview = [i.as_dict() for i in diff.issues[:ISSUE_PREVIEW]]
     summary.deletions_withheld = diff.deletions_withheld
-    _write_diff(state, summary, diff.changes, diff.issues)
+    with tempfile.TemporaryDirectory(prefix="publish-platform-diff-write-") as scratch:
+        changes = with_entities(diff.changes, diff.entities, Path(scratch))
+        _write_diff(state, summary, changes.select(list(DIFF_SCHEMA)), diff.issues)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -237,7 +252,10 @@ def supersession(published: Pointer | None, source_timestamp: datetime | None) -
 
 
 def _write_diff(
-    state: StateStore, summary: DiffSummary, changes: pl.DataFrame, issues: list[EntityIssue]
+    state: StateStore,
+    summary: DiffSummary,
+    changes: pl.DataFrame | pl.LazyFrame,
+    issues: list[EntityIssue],
 ) -> None:
     key = summary.partition_key
     state.put_frame(state.batch_key(key, "diff.parquet"), changes)
@@ -249,11 +267,16 @@ def _write_diff(
     state.put_bytes(state.batch_key(key, "diff.json"), summary.model_dump_json(indent=2).encode())
 
 
-def read_diff(state: StateStore, partition_key: str) -> tuple[DiffSummary, pl.DataFrame]:
+def read_diff_summary(state: StateStore, partition_key: str) -> DiffSummary:
     found = state.get_bytes(state.batch_key(partition_key, "diff.json"))
     if found is None:
         raise FileNotFoundError(f"no diff stored for {partition_key}: materialize diff first")
-    summary = DiffSummary.model_validate_json(found[0])
+    return DiffSummary.model_validate_json(found[0])
+
+
+def read_diff(state: StateStore, partition_key: str) -> tuple[DiffSummary, pl.DataFrame]:
+    """The stored diff, its changes in memory (the plan step streams them instead)."""
+    summary = read_diff_summary(state, partition_key)
     return summary, state.get_frame(state.batch_key(partition_key, "diff.parquet"))
 
 
@@ -270,9 +293,26 @@ def run_plan(
     """Order the diff into a plan, store it, and evaluate the plan checks.
 
     ``metastore`` resolves references to entities outside batch and snapshot; ``approval`` is an
-    operator's go-ahead for a batch that the deletion-safety check would hold.
+    operator's go-ahead for a batch that the deletion-safety check would hold. The plan returned
+    has its operations without their JSON: that is read from diff.parquet into plan.parquet in
+    a stream (``read_plan`` has it all).
     """
-    summary, changes = read_diff(state, partition_key)
+    with tempfile.TemporaryDirectory(prefix="publish-platform-plan-") as scratch:
+        return _run_plan(state, settings, partition_key, metastore, approval, Path(scratch))
+
+
+def _run_plan(
+    state: StateStore,
+    settings: Settings,
+    partition_key: str,
+    metastore: Metastore | None,
+    approval: Approval | None,
+    scratch: Path,
+) -> tuple[DiffSummary, Plan, list[CheckOutcome]]:
+    summary = read_diff_summary(state, partition_key)
+    changes, entities = stored_changes(
+        state.download(state.batch_key(partition_key, "diff.parquet"), scratch / "diff.parquet")
+    )
     source = summary.source or ""
     # A batch that was not diffed (quarantined, skipped, superseded) gets an empty plan, checked
     # all the same.
@@ -290,6 +330,7 @@ def run_plan(
         snapshot_entities=snapshot.entities,
         deletions_withheld=summary.deletions_withheld,
         unchanged=summary.unchanged,
+        entities=entities,
     )
     diff_isolated = summary.isolated
     plan = build_plan(
@@ -306,18 +347,25 @@ def run_plan(
     plan.header.deletion_threshold = threshold
     if approval is not None and approval.deletes is None:
         approval = approval.model_copy(update={"deletes": plan.header.deletes})
-    checks = evaluate_checks(plan, snapshot, threshold, approval)
+    # The operations with their JSON, streamed to a file: checked (scope), then uploaded.
+    operations = scratch / "plan.parquet"
+    frame_parquet(plan.stored_operations(scratch / "plan-parts"), operations)
+    checks = evaluate_checks(plan, pl.scan_parquet(operations), snapshot, threshold, approval)
     if approval is not None and any(
         c.name == "deletion_safety" and "approved_by" in c.metadata for c in checks
     ):
         plan.header.approval = approval
-    write_plan(state, plan)
+    write_plan(state, plan, operations)
+    # Its JSON is in files that go with the scratch folder: read_plan has it.
+    plan.operations, plan.entities = plan.operations.drop("entity"), None
     return summary, plan, checks
 
 
-def write_plan(state: StateStore, plan: Plan) -> None:
+def write_plan(state: StateStore, plan: Plan, operations: Path) -> None:
+    """Store a plan: its operations' file (``Plan.stored_operations``), what it isolated, and
+    its header, last: a plan.json says the rest is there."""
     key = plan.header.partition_key
-    state.put_frame(state.batch_key(key, "plan.parquet"), plan.operations)
+    state.put_file(state.batch_key(key, "plan.parquet"), operations)
     state.put_bytes(
         state.batch_key(key, "plan-isolated.jsonl"),
         b"".join(orjson.dumps(row) + b"\n" for row in plan.isolated.iter_rows(named=True)),
@@ -370,7 +418,7 @@ def run_publish(
     was applied but not yet checkpointed is harmlessly applied twice.
     """
     started = time.perf_counter()
-    summary, _ = read_diff(state, partition_key)
+    summary = read_diff_summary(state, partition_key)
     result = PublishSummary(
         partition_key=partition_key,
         outcome="not_publishable",
@@ -518,7 +566,7 @@ def publish_with_replan(
     try:
         return run_publish(state, settings, metastore, partition_key, progress, on_retry)
     except StalePlanError:
-        previous = read_diff(state, partition_key)[0]
+        previous = read_diff_summary(state, partition_key)
         approval = approval or read_plan_header(state, partition_key).approval
         run_diff(s3, state, settings, partition_key, force=previous.forced)
         _, _, checks = run_plan(state, settings, partition_key, metastore, approval)

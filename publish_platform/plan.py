@@ -1,8 +1,10 @@
 """Turn a diff into an ordered, checked plan.
 
 Order: creates and updates parents first (Connection → Database → Schema → Table… → Column),
-then deletes children first. The plan pins the snapshot serial it was computed against, so it can
-only ever be applied on top of that state.
+then deletes children first; within a type rank, in the diff's order (the order of the batch's
+lines), so that a plan's entity JSON is written from the diff's in one pass per rank. The plan
+pins the snapshot serial it was computed against, so it can only ever be applied on top of that
+state.
 
 Plan rules isolate what cannot be published — an entity without a required attribute, or with a
 reference to an entity that exists neither in the batch, nor in the snapshot, nor in the
@@ -17,6 +19,7 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +27,7 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from publish_platform.diff import (
+    CHANGES_SCHEMA,
     DIFF_SCHEMA,
     IDENTITY,
     TYPE_RANK,
@@ -32,9 +36,10 @@ from publish_platform.diff import (
     SnapshotView,
     as_view,
 )
+from publish_platform.entities import REQUIRED_ATTRIBUTES, missing_required, with_entities
 
+# A stored plan's operations; in memory they also have the diff's ``entity_row``.
 PLAN_SCHEMA = {"seq": pl.Int64, **DIFF_SCHEMA}
-REQUIRED_ATTRIBUTES = ("qualifiedName", "name", "connectionQualifiedName")
 EDGE = ["from_type", "from_qualified_name", "attribute"]
 EDGE_SCHEMA = {
     "from_type": pl.String,
@@ -94,10 +99,17 @@ class PlanHeader(BaseModel):
 @dataclass
 class Plan:
     header: PlanHeader
-    operations: pl.DataFrame  # PLAN_SCHEMA, in execution order
+    operations: pl.DataFrame  # PLAN_SCHEMA and entity_row, in execution order
     isolated: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ISOLATED_SCHEMA))
     edges_added: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EDGE_SCHEMA))
     edges_removed: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EDGE_SCHEMA))
+    # Where the JSON of operations with an ``entity_row`` is (the diff's ``entities``).
+    entities: pl.LazyFrame | None = field(default=None, repr=False)
+
+    def stored_operations(self, scratch: Path) -> pl.LazyFrame:
+        """The operations with all their JSON (PLAN_SCHEMA), as stored: filled a chunk at a
+        time into files in ``scratch`` (``entities.with_entities``), and scanned."""
+        return with_entities(self.operations, self.entities, scratch).select(list(PLAN_SCHEMA))
 
 
 def attribute(name: str) -> pl.Expr:
@@ -114,7 +126,7 @@ def build_plan(
     snapshot: pl.DataFrame | SnapshotView | None = None,
     exists: ExistsLookup | None = None,
 ) -> Plan:
-    changes = diff.changes
+    changes = _as_changes(diff.changes)
     snapshot = snapshot if snapshot is not None else diff.snapshot
     if snapshot is None and diff.unchanged:
         # Unchanged entities are not listed in the diff: only the snapshot says they exist.
@@ -124,25 +136,27 @@ def build_plan(
     deletes = changes.filter(pl.col("op") == "delete")
 
     upserts, isolated_required = _isolate_missing_required(upserts)
-    targets = _references(upserts).select(IDENTITY).unique()
+    references = _references(upserts)
+    targets = references.select(IDENTITY).unique()
     known = _known_identities(targets, changes, snapshot, deletes, isolated_required)
     # What the metastore may still have but will not after this plan: never a valid target.
     doomed = pl.concat(
         [deletes.select(IDENTITY), isolated_required.select(IDENTITY)], how="vertical"
     )
-    upserts, isolated_dangling = _isolate_dangling(upserts, known, exists, doomed)
+    upserts, isolated_dangling = _isolate_dangling(upserts, references, known, exists, doomed)
+    del references
     isolated = pl.concat([isolated_required, isolated_dangling], how="vertical")
 
     rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
     ordered = pl.concat(
         [
-            upserts.sort([rank, pl.col("qualified_name")]),
-            deletes.sort([rank, pl.col("qualified_name")], descending=[True, False]),
+            upserts.sort(rank, maintain_order=True),
+            deletes.sort(rank, descending=True, maintain_order=True),
         ],
         how="vertical",
         rechunk=True,  # later gathers then share the entity JSON instead of copying it
     ).with_row_index("seq")
-    operations = ordered.with_columns(pl.col("seq").cast(pl.Int64)).select(list(PLAN_SCHEMA))
+    operations = ordered.with_columns(pl.col("seq").cast(pl.Int64)).select("seq", *CHANGES_SCHEMA)
     added, removed, repointed = _relationship_changes(operations, snapshot)
 
     header = PlanHeader(
@@ -166,7 +180,14 @@ def build_plan(
         deletions_withheld=diff.deletions_withheld,
         forced=forced,
     )
-    return Plan(header, operations, isolated, added, removed)
+    return Plan(header, operations, isolated, added, removed, entities=diff.entities)
+
+
+def _as_changes(changes: pl.DataFrame) -> pl.DataFrame:
+    """Changes in CHANGES_SCHEMA: a frame of DIFF_SCHEMA without the parse's columns (from an
+    older stored diff, or built by hand) gets them as not known."""
+    absent = [pl.lit(None, t).alias(n) for n, t in CHANGES_SCHEMA.items() if n not in changes]
+    return changes.with_columns(absent).select(list(CHANGES_SCHEMA)) if absent else changes
 
 
 def plan_id(base_serial: int, operations: pl.DataFrame) -> str:
@@ -174,7 +195,11 @@ def plan_id(base_serial: int, operations: pl.DataFrame) -> str:
     re-run after a crash finds the checkpoints of the plan it is resuming."""
     digest = hashlib.blake2b(str(base_serial).encode(), digest_size=12)
     for column in ("op", "type_name", "qualified_name", "hash"):
-        digest.update(b"\0".join(v.encode() for v in operations.get_column(column).fill_null("")))
+        values = operations.get_column(column)
+        # A slice at a time: the Python strings of a whole column of a large plan weigh GBs.
+        for offset in range(0, len(values), 100_000):
+            part = values.slice(offset, 100_000).fill_null("").to_list()
+            digest.update((b"\0" if offset else b"") + b"\0".join(v.encode() for v in part))
         digest.update(b"\1")
     return digest.hexdigest()
 
@@ -183,19 +208,12 @@ def _isolated(frame: pl.DataFrame, reason: str, message: pl.Expr) -> pl.DataFram
     return frame.select(*IDENTITY, reason=pl.lit(reason), message=message)
 
 
-def missing_required(entities: pl.Series) -> pl.Series:
-    """For each entity JSON, the required attributes it lacks ("" when none). One parse per
-    entity: a JSON path per attribute would parse each entity once per attribute."""
-
-    def lacking(entity: str) -> str:
-        attributes = orjson.loads(entity).get("attributes")
-        if not isinstance(attributes, dict):
-            return ", ".join(REQUIRED_ATTRIBUTES)
-        return ", ".join(n for n in REQUIRED_ATTRIBUTES if attributes.get(n) in (None, ""))
-
+def missing_in_json(entities: pl.Series) -> pl.Series:
+    """For each entity JSON, the required attributes it lacks ("" when none; null for a null):
+    for changes whose lines were not checked when parsed (``missing`` not known)."""
     # A slice at a time: the Python strings of every changed entity at once outweigh the frame.
     found = [
-        lacking(entity)
+        None if entity is None else missing_required(orjson.loads(entity))
         for offset in range(0, len(entities), 10_000)
         for entity in entities.slice(offset, 10_000).to_list()
     ]
@@ -203,14 +221,19 @@ def missing_required(entities: pl.Series) -> pl.Series:
 
 
 def _isolate_missing_required(upserts: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    marked = upserts.with_columns(missing=missing_required(upserts.get_column("entity")))
+    marked = upserts
+    if marked.get_column("missing").null_count():
+        unknown = missing_in_json(marked.get_column("entity"))
+        marked = marked.with_columns(pl.col("missing").fill_null(unknown))
+    # Still not known: a line recognised as its snapshot row, whose JSON is not read.
+    marked = marked.with_columns(pl.col("missing").fill_null(""))
     bad = marked.filter(pl.col("missing") != "")
     isolated = _isolated(
         bad,
         "missing_required_attribute",
         pl.lit("missing required attribute(s): ") + pl.col("missing"),
     )
-    return marked.filter(pl.col("missing") == "").drop("missing"), isolated
+    return marked.filter(pl.col("missing") == ""), isolated
 
 
 def _known_identities(
@@ -255,16 +278,16 @@ def _references(frame: pl.DataFrame) -> pl.DataFrame:
 
 def _isolate_dangling(
     upserts: pl.DataFrame,
+    refs: pl.DataFrame,
     known: pl.DataFrame,
     exists: ExistsLookup | None,
     doomed: pl.DataFrame,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Isolate entities whose references resolve nowhere, until nothing new dangles.
+    """Isolate entities whose references (``refs``) resolve nowhere, until nothing new dangles.
 
     The metastore is asked only about targets outside batch and snapshot: an entity this plan
     deletes (or does not publish) may still be in it, but will not be once the plan is applied.
     """
-    refs = _references(upserts)
     unresolved = (
         refs.select(IDENTITY)
         .unique()
@@ -278,7 +301,6 @@ def _isolate_dangling(
                 [known, pl.DataFrame(sorted(found), schema=IDENTITY, orient="row")],
                 how="vertical",
             )
-    creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
     isolated_parts = []
     while True:
         dangling = refs.join(known, on=IDENTITY, how="anti")
@@ -309,12 +331,11 @@ def _isolate_dangling(
             how="anti",
         )
         # A new entity that is isolated will not exist: what references it dangles in turn.
+        creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
         known = known.join(gone.join(creates, on=IDENTITY, how="semi"), on=IDENTITY, how="anti")
-    isolated = (
-        pl.concat(isolated_parts, how="vertical")
-        if isolated_parts
-        else pl.DataFrame(schema=ISOLATED_SCHEMA)
-    )
+    if not isolated_parts:  # the usual case: nothing to take out (a join would copy it all)
+        return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA)
+    isolated = pl.concat(isolated_parts, how="vertical")
     return upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti"), isolated
 
 
@@ -324,6 +345,8 @@ def _relationship_changes(
     """Edges added and removed by the plan, and how many (from, attribute) pairs re-point."""
     old = _references(snapshot.rows_of(operations.select(IDENTITY)))
     new = _references(operations.filter(pl.col("op") != "delete"))
+    if not old.height:  # a source's first batch: every edge is new (an anti-join copies them)
+        return new, old, 0
     added = new.join(old, on=list(EDGE_SCHEMA), how="anti")
     removed = old.join(new, on=list(EDGE_SCHEMA), how="anti")
     repointed = added.select(EDGE).unique().join(removed.select(EDGE).unique(), on=EDGE).height
@@ -493,8 +516,7 @@ def check_references(plan: Plan, snapshot: pl.DataFrame | SnapshotView) -> Check
 
 def check_required_attributes(plan: Plan) -> CheckOutcome:
     """No planned entity lacks qualifiedName, name or connection; reports what was isolated."""
-    upserts = plan.operations.filter(pl.col("op") != "delete")
-    lacking = upserts.filter(missing_required(upserts.get_column("entity")) != "")
+    lacking = plan.operations.filter((pl.col("op") != "delete") & (pl.col("missing") != ""))
     isolated = plan.isolated.filter(pl.col("reason") == "missing_required_attribute")
     return CheckOutcome(
         name="required_attributes",
@@ -515,12 +537,15 @@ def check_required_attributes(plan: Plan) -> CheckOutcome:
 
 def evaluate_checks(
     plan: Plan,
+    operations: pl.DataFrame | pl.LazyFrame,
     snapshot: pl.DataFrame | SnapshotView,
     threshold: float,
     approval: Approval | None,
 ) -> list[CheckOutcome]:
+    """Every check of a plan; ``operations``: its operations with their JSON (the plan's file,
+    scanned), which the scope check reads."""
     return [
-        *blocking_checks(plan.header, plan.operations, threshold, approval),
+        *blocking_checks(plan.header, operations, threshold, approval),
         check_references(plan, snapshot),
         check_required_attributes(plan),
     ]

@@ -83,6 +83,8 @@ def rollback(
             pl.lit(f"snapshot {to_serial}").alias("source_file"),
             (pl.int_range(pl.len()) + 1).cast(pl.Int64).alias("line"),
             "raw_hash",
+            pl.lit(None, pl.String).alias("missing"),  # not known: the plan checks the JSON
+            pl.lit(None, pl.UInt32).alias("entity_row"),
         ).cast(ENTITY_SCHEMA),
         issues=[],
         lines=target.height,

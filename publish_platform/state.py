@@ -107,6 +107,16 @@ ROW_GROUP_ROWS = 20_000
 SNAPSHOT_STREAM_ROWS = 5_000
 
 
+def frame_parquet(
+    frame: pl.LazyFrame, target: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """A frame streamed to a parquet file, as the platform writes them: never held whole."""
+    with pl.Config(streaming_chunk_size=SNAPSHOT_STREAM_ROWS):
+        frame.sink_parquet(
+            target, compression="zstd", row_group_size=ROW_GROUP_ROWS, metadata=metadata
+        )
+
+
 def snapshot_parquet(snapshot: pl.DataFrame | pl.LazyFrame, target: Path) -> None:
     """A snapshot as stored, streamed to a file: SNAPSHOT_SCHEMA with its references as JSON
     text, plus each row's identity hash, so a diff finds rows by identity without decoding every
@@ -117,13 +127,7 @@ def snapshot_parquet(snapshot: pl.DataFrame | pl.LazyFrame, target: Path) -> Non
         .with_columns(_encoded_references(), identity_hash=identity_hash())
         .drop("references")
     )
-    with pl.Config(streaming_chunk_size=SNAPSHOT_STREAM_ROWS):
-        stored.sink_parquet(
-            target,
-            compression="zstd",
-            row_group_size=ROW_GROUP_ROWS,
-            metadata={"identity_hash": IDENTITY_HASHED_BY},
-        )
+    frame_parquet(stored, target, metadata={"identity_hash": IDENTITY_HASHED_BY})
 
 
 def snapshot_digest(path: Path) -> tuple[int, int]:
@@ -221,11 +225,23 @@ class StateStore:
             raise
         return target
 
-    def put_frame(self, key: str, frame: pl.DataFrame, **conditions: str) -> str:
+    def put_frame(self, key: str, frame: pl.DataFrame | pl.LazyFrame, **conditions: str) -> str:
+        """A frame as parquet. A lazy one is streamed to a temporary file and uploaded from
+        it: never held whole in memory."""
+        if isinstance(frame, pl.LazyFrame):
+            with tempfile.TemporaryDirectory(prefix="publish-platform-upload-") as scratch:
+                path = Path(scratch) / "frame.parquet"
+                frame_parquet(frame, path)
+                return self.put_file(key, path, **conditions)
         buffer = io.BytesIO()
         frame.write_parquet(buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         buffer.seek(0)
         return self.put_bytes(key, buffer, **conditions)  # read from the buffer: no copy
+
+    def put_file(self, key: str, path: Path, **conditions: str) -> str:
+        """A file uploaded as it is read (never held whole)."""
+        with open(path, "rb") as body:
+            return self.put_bytes(key, body, **conditions)
 
     def get_frame(self, key: str) -> pl.DataFrame:
         found = self.get_bytes(key)
@@ -318,8 +334,7 @@ class StateStore:
                 ours = Path(scratch) / "candidate.parquet"
                 snapshot_parquet(snapshot, ours)
             try:
-                with open(ours, "rb") as body:
-                    self.put_bytes(key, body, IfNoneMatch="*")
+                self.put_file(key, ours, IfNoneMatch="*")
             except ClientError as exc:
                 if not _precondition_failed(exc):
                     raise

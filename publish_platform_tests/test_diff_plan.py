@@ -361,6 +361,7 @@ def test_scope_check_catches_an_operation_outside_the_source():
             ],
             "references": [[], []],
             "raw_hash": [None, None],
+            "missing": ["", ""],
         },
         schema=DIFF_SCHEMA,
     )

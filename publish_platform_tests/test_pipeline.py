@@ -77,7 +77,12 @@ def test_first_publish_of_the_real_run(s3, state, settings, catalog):
     }
     stored = read_plan(state, key)
     assert stored.header == plan.header
-    assert stored.operations.equals(plan.operations)
+    # The plan step returns its operations without their JSON, which it streamed into the
+    # stored plan: every planned entity's, as the fixture has it.
+    assert stored.operations.drop("entity").equals(plan.operations.drop("entity_row"))
+    by_name = {e["attributes"]["qualifiedName"]: e for e in upstream_entities()}
+    for name, stored_json in stored.operations.select("qualified_name", "entity").rows():
+        assert orjson.loads(stored_json) == by_name[name]
 
     result = run_publish(state, settings, catalog, key)
     assert result.outcome == "published"

@@ -281,7 +281,7 @@ def test_a_plan_reaching_into_another_source_is_never_published(s3, state, setti
     assert all(c.passed for c in checks)
     # Tampered: one operation now rewrites the other source's table.
     hijack = entity("Table", "db/s/t1", OTHER, description="hijacked")
-    tampered = plan.operations.with_columns(
+    tampered = read_plan(state, second.partition_key).operations.with_columns(
         pl.when(pl.col("qualified_name") == f"{SOURCE}/db/s/t1")
         .then(pl.lit(json.dumps(hijack)))
         .otherwise(pl.col("entity"))

@@ -1,0 +1,126 @@
+"""The entity JSON of a batch spilled to disk while it is parsed, diffed and planned: the diff and
+the plan stored are the same as when every entity is held in memory."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+
+from publish_platform import entities as entities_module
+from publish_platform.diff import DIFF_SCHEMA, diff_batch, recognisable, stored_changes
+from publish_platform.entities import parse_files, with_entities
+from publish_platform.plan import PLAN_SCHEMA, build_plan
+from publish_platform.state import empty_snapshot, frame_parquet
+
+from .support import UPSTREAM_SOURCE, VOLATILE, entity, jsonl, upstream_data
+from .test_diff_plan import PK, modified_fixture, published
+
+
+def files(batch: list[dict]) -> list[tuple[str, bytes]]:
+    return [("transformed/x/entities.json", jsonl(batch))]
+
+
+def plans_both_ways(batch: list[tuple[str, bytes]], snapshot: pl.DataFrame, folder: Path):
+    """The stored plan of ``batch`` against ``snapshot``, with the JSON in memory and spilled
+    (then, as the steps do, streamed into a stored diff and planned from that file)."""
+    known = recognisable(snapshot) if snapshot.height else None
+    held = parse_files(batch, VOLATILE, known_raw=known)
+    in_memory = build_plan(diff_batch(held, snapshot, UPSTREAM_SOURCE, "full"), PK, 1)
+
+    parsed = parse_files(batch, VOLATILE, known_raw=known, spill=folder / "entities")
+    assert parsed.frame.get_column("entity").null_count() == parsed.frame.height
+    diff = diff_batch(parsed, snapshot, UPSTREAM_SOURCE, "full")
+    stored = folder / "diff.parquet"
+    changes = with_entities(diff.changes, diff.entities, folder / "diff-parts")
+    frame_parquet(changes.select(list(DIFF_SCHEMA)), stored)
+    changes, entities = stored_changes(stored)
+    spilled = build_plan(dataclasses.replace(diff, changes=changes, entities=entities), PK, 1)
+    return in_memory, spilled
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few lines: the spill is many files, read back across them."""
+    monkeypatch.setattr(entities_module, "BLOCK_BYTES", 4096)
+
+
+def test_a_first_batch_spilled_plans_as_one_held_in_memory(tmp_path, small_blocks):
+    batch = sorted(upstream_data().items())
+    in_memory, spilled = plans_both_ways(batch, empty_snapshot(), tmp_path)
+
+    assert len(list((tmp_path / "entities").iterdir())) > 3
+    expected = in_memory.operations.select(list(PLAN_SCHEMA))
+    assert spilled.stored_operations(tmp_path / "parts").collect().equals(expected)
+    assert spilled.header == in_memory.header.model_copy(
+        update={"created_at": spilled.header.created_at}
+    )
+    # Every planned entity is the line it came from, in the parents-first order.
+    by_name = {
+        orjson.loads(line)["attributes"]["qualifiedName"]: orjson.loads(line)
+        for _, data in batch
+        for line in data.splitlines()
+        if line.strip()
+    }
+    for name, json in expected.select("qualified_name", "entity").rows():
+        assert orjson.loads(json) == by_name[name]
+
+
+def test_a_later_batch_spilled_plans_as_one_held_in_memory(tmp_path, small_blocks):
+    snapshot = published(parse_files(sorted(upstream_data().items()), VOLATILE), UPSTREAM_SOURCE)
+    later = modified_fixture()
+    later.append(entity("Table", "shopdb/sales/refunds", source=UPSTREAM_SOURCE))
+    del later[-1]["attributes"]["name"]  # isolated by the plan, from what the parse found
+    in_memory, spilled = plans_both_ways(files(later), snapshot, tmp_path)
+
+    header = spilled.header
+    assert (header.creates, header.updates, header.deletes) == (1, 1, 1)
+    assert header.isolated_by_plan == 1
+    assert spilled.isolated.equals(in_memory.isolated)
+    expected = in_memory.operations.select(list(PLAN_SCHEMA))
+    assert spilled.stored_operations(tmp_path / "parts").collect().equals(expected)
+
+
+def test_with_entities_reads_each_run_of_rows_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(entities_module, "FILL_ROWS", 4)  # windows of 4 rows: 0-3, 4-7, 8-9
+    spill = pl.DataFrame({"entity": [f"e{i}" for i in range(10)]})
+    spill.head(4).write_parquet(tmp_path / "a.parquet")
+    spill.tail(6).write_parquet(tmp_path / "b.parquet")
+    rows = [None, 5, 7, 2, 3, None, None, 9, 9, 0, 1, 2, 3, 8]  # runs, nulls, a repeat
+    held = {0: "held", 5: "held", 6: "held"}
+    frame = pl.DataFrame(
+        {
+            "n": range(len(rows)),
+            "entity": [held.get(n) for n in range(len(rows))],
+            "entity_row": pl.Series(rows, dtype=pl.UInt32),
+        }
+    )
+    entities = pl.scan_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    filled = with_entities(frame, entities, tmp_path / "parts").collect()
+    assert filled.columns == frame.columns
+    assert filled["n"].to_list() == list(range(len(rows)))
+    assert filled["entity"].to_list() == [held.get(n) or f"e{row}" for n, row in enumerate(rows)]
+    # Rows that ascend within one window are one chunk, read by one slice: [5, 7], [2, 3],
+    # [9], [9], [0, 1, 2, 3], [8]; and the two runs without JSON.
+    assert len(list((tmp_path / "parts").iterdir())) == 8
+
+
+def test_a_diff_stored_before_the_parse_checked_required_attributes_is_planned(tmp_path):
+    """Stored by an earlier version, without ``missing``: the plan checks the JSON itself."""
+    lacking = entity("Table", "shopdb/sales/refunds", source=UPSTREAM_SOURCE)
+    del lacking["attributes"]["name"]
+    parsed = parse_files(files([*modified_fixture(), lacking]), VOLATILE)
+    diff = diff_batch(parsed, empty_snapshot(), UPSTREAM_SOURCE, "full")
+    stored = tmp_path / "diff.parquet"
+    diff.changes.drop("missing", "entity_row").write_parquet(stored)
+
+    changes, entities = stored_changes(stored)
+    plan = build_plan(dataclasses.replace(diff, changes=changes, entities=entities), PK, 0)
+    assert plan.isolated.select("qualified_name", "reason").rows() == [
+        (lacking["attributes"]["qualifiedName"], "missing_required_attribute")
+    ]
+    expected = build_plan(diff, PK, 0).operations.select(list(PLAN_SCHEMA))
+    assert plan.stored_operations(tmp_path / "parts").collect().equals(expected)
