@@ -310,7 +310,7 @@ def diff_batch(
         ],
         how="vertical",
         rechunk=True,  # a join or gather copies the entity JSON of a frame of many chunks
-    )
+    ).with_row_index("batch_row")  # the order of the lines
     batch, issues = screen(candidates, source, parsed.issues)
     protected = _protected_identities(issues)
 
@@ -358,15 +358,11 @@ def diff_batch(
                 .select(list(CHANGES_SCHEMA))
             )
 
-    # Creates and updates in the order of their spilled JSON: read back in one pass.
+    # Creates and updates in the order of their lines, whatever the parse held or spilled: the
+    # plan keeps it within a type rank, and the spilled JSON is read back in one pass.
     upserts = pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal")
     changes = pl.concat(
-        [
-            upserts.select(list(CHANGES_SCHEMA)).sort(
-                "entity_row", nulls_last=True, maintain_order=True
-            ),
-            deletes,
-        ],
+        [upserts.sort("batch_row").select(list(CHANGES_SCHEMA)), deletes],
         how="vertical",
         rechunk=True,  # the plan sorts it: one chunk shares the entity JSON, many are copied
     )
