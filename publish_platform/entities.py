@@ -408,8 +408,8 @@ def parse_files(
     A file is its bytes or an iterable of pieces of them (streamed). Lines whose raw hash is in
     ``known_raw`` (``diff.recognisable``: the snapshot's raw hashes and rows) are unchanged: they
     are listed in ``unchanged`` with their snapshot row, and not parsed. ``spill``: a folder the
-    entity JSON is written to, a block at a time (``ParsedEntities.entities``), instead of being
-    held in the frame.
+    entity JSON is written to, a block at a time (``ParsedEntities.entities``), once the frame
+    holds HELD_JSON_BYTES of it.
     """
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
@@ -421,7 +421,7 @@ def parse_files(
     lines_by_file: dict[str, int] = {}
     last_sync_ms: int | None = None
     known = known_raw if known_raw is not None and len(known_raw) else None
-    spilled = 0
+    spilled = held = 0  # rows spilled; bytes of JSON held
     for block in read_ahead(_scanned_blocks(files, hasher, known)):
         source_file = block.source_file
         total += block.lines
@@ -462,8 +462,10 @@ def parse_files(
             # changed entities would outweigh the frame (and the allocator keeps what they took).
             frame = _entity_frame(rows)
             if spill is not None:
-                frame = _spill(frame, spill, spilled)
-                spilled += frame.height
+                held += frame.get_column("entity").str.len_bytes().sum()
+                if held > HELD_JSON_BYTES:
+                    frame = _spill(frame, spill, spilled)
+                    spilled += frame.height
             frames.append(frame)
             rows = {name: [] for name in ENTITY_SCHEMA}
     _return_freed_memory()
@@ -498,6 +500,11 @@ def spilled_entities(folder: Path) -> pl.LazyFrame:
     """The spill in ``folder``: one ``entity`` column, row ``entity_row`` an entity's JSON."""
     return pl.scan_parquet(sorted(folder.glob("*.parquet"))).select("entity")
 
+
+# JSON a parse given a spill folder holds before it spills the rest: a usual batch's changed
+# entities stay in memory (spilling and reading them back cost a tenth of its diff + plan),
+# a source's first batch is spilled.
+HELD_JSON_BYTES = 64 * 1024 * 1024
 
 # Rows of JSON read, and of a frame filled, at a time by with_entities.
 FILL_ROWS = 20_000

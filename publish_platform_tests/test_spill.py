@@ -32,7 +32,8 @@ def plans_both_ways(batch: list[tuple[str, bytes]], snapshot: pl.DataFrame, fold
     in_memory = build_plan(diff_batch(held, snapshot, UPSTREAM_SOURCE, "full"), PK, 1)
 
     parsed = parse_files(batch, VOLATILE, known_raw=known, spill=folder / "entities")
-    assert parsed.frame.get_column("entity").null_count() == parsed.frame.height
+    spilled_rows = parsed.frame.get_column("entity_row").is_not_null().sum()
+    assert spilled_rows and parsed.frame.get_column("entity").null_count() == spilled_rows
     diff = diff_batch(parsed, snapshot, UPSTREAM_SOURCE, "full")
     stored = folder / "diff.parquet"
     changes = with_entities(diff.changes, diff.entities, folder / "diff-parts")
@@ -42,10 +43,12 @@ def plans_both_ways(batch: list[tuple[str, bytes]], snapshot: pl.DataFrame, fold
     return in_memory, spilled
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of a few lines: the spill is many files, read back across them."""
+@pytest.fixture(params=[0, 2_000], ids=["all-spilled", "some-held"])
+def small_blocks(monkeypatch, request):
+    """Blocks of a few lines: the spill is many files, read back across them. All spilled, or
+    the first blocks held in memory (in the plan, runs of rows of both kinds)."""
     monkeypatch.setattr(entities_module, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(entities_module, "HELD_JSON_BYTES", request.param)
 
 
 def test_a_first_batch_spilled_plans_as_one_held_in_memory(tmp_path, small_blocks):
