@@ -144,6 +144,9 @@ def _land_demo(s3: object, settings: object, dagster_home: Path) -> None:
 
 
 def _wait_for_signal() -> None:
+    """Until SIGTERM or SIGINT (Ctrl-C). SIGINT is handled explicitly: a process started in the
+    background by a non-interactive shell inherits it ignored, and Ctrl-C sent to its process
+    group then did nothing."""
     stop = False
 
     def handler(signum: int, frame: object) -> None:
@@ -151,8 +154,6 @@ def _wait_for_signal() -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, handler)
-    try:
-        while not stop:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+    signal.signal(signal.SIGINT, handler)
+    while not stop:
+        time.sleep(1)
