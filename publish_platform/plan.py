@@ -301,11 +301,12 @@ def _isolate_dangling(
                 [known, pl.DataFrame(sorted(found), schema=IDENTITY, orient="row")],
                 how="vertical",
             )
+    dangling = refs.join(known, on=IDENTITY, how="anti")
+    if not dangling.height:  # the usual case: nothing to take out (a join would copy it all)
+        return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA)
+    creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
     isolated_parts = []
-    while True:
-        dangling = refs.join(known, on=IDENTITY, how="anti")
-        if dangling.height == 0:
-            break
+    while dangling.height:
         first = dangling.group_by("from_type", "from_qualified_name", maintain_order=True).first()
         isolated_parts.append(
             first.select(
@@ -331,10 +332,8 @@ def _isolate_dangling(
             how="anti",
         )
         # A new entity that is isolated will not exist: what references it dangles in turn.
-        creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
         known = known.join(gone.join(creates, on=IDENTITY, how="semi"), on=IDENTITY, how="anti")
-    if not isolated_parts:  # the usual case: nothing to take out (a join would copy it all)
-        return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA)
+        dangling = refs.join(known, on=IDENTITY, how="anti")
     isolated = pl.concat(isolated_parts, how="vertical")
     return upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti"), isolated
 
