@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from publish_platform.entities import EntityIssue, HashIndex, ParsedEntities
+from publish_platform.entities import EntityIssue, HashIndex, ParsedEntities, with_entities
 from publish_platform.state import (
     SNAPSHOT_SCHEMA,
     StateStore,
@@ -70,6 +70,11 @@ class DiffResult:
     snapshot: SnapshotView | None = field(default=None, repr=False)
     # Where the JSON of the changes with an ``entity_row`` is (the parse's spill, a stored diff).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
+
+    def stored_changes(self, scratch: Path) -> pl.LazyFrame:
+        """The changes with all their JSON (DIFF_SCHEMA), as stored: filled a chunk at a time
+        into files in ``scratch`` (``entities.with_entities``), and scanned."""
+        return with_entities(self.changes, self.entities, scratch).select(list(DIFF_SCHEMA))
 
     def count(self, op: str) -> int:
         if op == "unchanged":
@@ -381,23 +386,32 @@ def diff_batch(
     )
 
 
-def stored_changes(path: Path) -> tuple[pl.DataFrame, pl.LazyFrame]:
+def read_changes(path: Path) -> tuple[pl.DataFrame, pl.LazyFrame]:
     """A stored diff's changes (CHANGES_SCHEMA) without their JSON, which stays in the file:
     ``entity_row`` is each row's place in it, and the lazy frame reads it from there."""
     stored = pl.scan_parquet(path)
     if "missing" not in pl.read_parquet_schema(path):
-        # Stored before the parse checked required attributes: the plan checks the JSON.
-        frame = stored.with_columns(
-            missing=pl.lit(None, pl.String), entity_row=pl.lit(None, pl.UInt32)
-        )
-    else:
-        frame = stored.with_row_index("entity_row").select(
+        # Stored before the parse checked required attributes: read whole, the plan checks
+        # the JSON.
+        return as_changes(stored.collect()), stored.select("entity")
+    changes = (
+        stored.with_row_index("entity_row")
+        .select(
             pl.exclude("entity", "entity_row"),
             entity=pl.lit(None, pl.String),
             entity_row=pl.when(pl.col("op") != "delete").then("entity_row"),  # no JSON
         )
-    changes = frame.select(list(CHANGES_SCHEMA)).collect(engine="streaming")
+        .select(list(CHANGES_SCHEMA))
+        .collect(engine="streaming")
+    )
     return changes, stored.select("entity")
+
+
+def as_changes(changes: pl.DataFrame) -> pl.DataFrame:
+    """Changes in CHANGES_SCHEMA: a frame of DIFF_SCHEMA without the parse's columns (from an
+    older stored diff, or built by hand) gets them as not known."""
+    absent = [pl.lit(None, t).alias(n) for n, t in CHANGES_SCHEMA.items() if n not in changes]
+    return changes.with_columns(absent).select(list(CHANGES_SCHEMA)) if absent else changes
 
 
 def screen(

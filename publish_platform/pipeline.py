@@ -25,10 +25,10 @@ from publish_platform.diff import (
     derive_source,
     diff_batch,
     open_snapshot,
+    read_changes,
     recognisable,
-    stored_changes,
 )
-from publish_platform.entities import EntityIssue, with_entities
+from publish_platform.entities import EntityIssue
 from publish_platform.landing import BatchProblem, RunRef, parse_batch, read_batch
 from publish_platform.metastores.base import Metastore
 from publish_platform.plan import (
@@ -230,8 +230,7 @@ def record_diff(
     summary.issues_preview = [i.as_dict() for i in diff.issues[:ISSUE_PREVIEW]]
     summary.deletions_withheld = diff.deletions_withheld
     with tempfile.TemporaryDirectory(prefix="publish-platform-diff-write-") as scratch:
-        changes = with_entities(diff.changes, diff.entities, Path(scratch))
-        _write_diff(state, summary, changes.select(list(DIFF_SCHEMA)), diff.issues)
+        _write_diff(state, summary, diff.stored_changes(Path(scratch)), diff.issues)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -310,7 +309,7 @@ def _run_plan(
     scratch: Path,
 ) -> tuple[DiffSummary, Plan, list[CheckOutcome]]:
     summary = read_diff_summary(state, partition_key)
-    changes, entities = stored_changes(
+    changes, entities = read_changes(
         state.download(state.batch_key(partition_key, "diff.parquet"), scratch / "diff.parquet")
     )
     source = summary.source or ""

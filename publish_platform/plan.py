@@ -34,6 +34,7 @@ from publish_platform.diff import (
     DiffResult,
     Mode,
     SnapshotView,
+    as_changes,
     as_view,
 )
 from publish_platform.entities import REQUIRED_ATTRIBUTES, missing_required, with_entities
@@ -126,7 +127,7 @@ def build_plan(
     snapshot: pl.DataFrame | SnapshotView | None = None,
     exists: ExistsLookup | None = None,
 ) -> Plan:
-    changes = _as_changes(diff.changes)
+    changes = as_changes(diff.changes)
     snapshot = snapshot if snapshot is not None else diff.snapshot
     if snapshot is None and diff.unchanged:
         # Unchanged entities are not listed in the diff: only the snapshot says they exist.
@@ -181,13 +182,6 @@ def build_plan(
         forced=forced,
     )
     return Plan(header, operations, isolated, added, removed, entities=diff.entities)
-
-
-def _as_changes(changes: pl.DataFrame) -> pl.DataFrame:
-    """Changes in CHANGES_SCHEMA: a frame of DIFF_SCHEMA without the parse's columns (from an
-    older stored diff, or built by hand) gets them as not known."""
-    absent = [pl.lit(None, t).alias(n) for n, t in CHANGES_SCHEMA.items() if n not in changes]
-    return changes.with_columns(absent).select(list(CHANGES_SCHEMA)) if absent else changes
 
 
 def plan_id(base_serial: int, operations: pl.DataFrame) -> str:

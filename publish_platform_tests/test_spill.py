@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from publish_platform import entities as entities_module
-from publish_platform.diff import DIFF_SCHEMA, diff_batch, recognisable, stored_changes
+from publish_platform.diff import diff_batch, read_changes, recognisable
 from publish_platform.entities import parse_files, with_entities
 from publish_platform.plan import PLAN_SCHEMA, build_plan
 from publish_platform.state import empty_snapshot, frame_parquet
@@ -36,9 +36,8 @@ def plans_both_ways(batch: list[tuple[str, bytes]], snapshot: pl.DataFrame, fold
     assert spilled_rows and parsed.frame.get_column("entity").null_count() == spilled_rows
     diff = diff_batch(parsed, snapshot, UPSTREAM_SOURCE, "full")
     stored = folder / "diff.parquet"
-    changes = with_entities(diff.changes, diff.entities, folder / "diff-parts")
-    frame_parquet(changes.select(list(DIFF_SCHEMA)), stored)
-    changes, entities = stored_changes(stored)
+    frame_parquet(diff.stored_changes(folder / "diff-parts"), stored)
+    changes, entities = read_changes(stored)
     spilled = build_plan(dataclasses.replace(diff, changes=changes, entities=entities), PK, 1)
     return in_memory, spilled
 
@@ -120,7 +119,7 @@ def test_a_diff_stored_before_the_parse_checked_required_attributes_is_planned(t
     stored = tmp_path / "diff.parquet"
     diff.changes.drop("missing", "entity_row").write_parquet(stored)
 
-    changes, entities = stored_changes(stored)
+    changes, entities = read_changes(stored)
     plan = build_plan(dataclasses.replace(diff, changes=changes, entities=entities), PK, 0)
     assert plan.isolated.select("qualified_name", "reason").rows() == [
         (lacking["attributes"]["qualifiedName"], "missing_required_attribute")
