@@ -8,7 +8,6 @@ in the hash, so a batch that only changed them is all "unchanged".
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from publish_platform.entities import EntityIssue, HashIndex, ParsedEntities, with_entities
+from publish_platform.scratch import ScratchFolder
 from publish_platform.state import (
     SNAPSHOT_SCHEMA,
     StateStore,
@@ -222,8 +222,8 @@ def open_snapshot(state: StateStore, source: str, serial: int) -> SnapshotView:
     the view."""
     if serial == 0:
         return SnapshotView(empty_snapshot())
-    scratch = tempfile.TemporaryDirectory(prefix="publish-platform-snapshot-")
-    path = state.download_snapshot(source, serial, Path(scratch.name))
+    scratch = ScratchFolder("snapshot")
+    path = state.download_snapshot(source, serial, scratch.path)
     assert path is not None
     return SnapshotView(path, keep=scratch)
 

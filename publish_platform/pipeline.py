@@ -7,7 +7,6 @@ The Dagster assets in ``publish_platform.defs`` are thin wrappers around these f
 
 from __future__ import annotations
 
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +49,7 @@ from publish_platform.publish import (
     next_snapshot,
 )
 from publish_platform.retries import retry_tiers
+from publish_platform.scratch import ScratchFolder
 from publish_platform.state import (
     ChunkCheckpoint,
     Pointer,
@@ -119,8 +119,8 @@ def run_diff(
 ) -> DiffSummary:
     # The batch's entity JSON waits in a scratch folder until diff.parquet is written: a large
     # batch's (a source's first) would not fit in memory.
-    with tempfile.TemporaryDirectory(prefix="publish-platform-diff-") as scratch:
-        return _run_diff(s3, state, settings, partition_key, force, Path(scratch))
+    with ScratchFolder("diff") as scratch:
+        return _run_diff(s3, state, settings, partition_key, force, scratch)
 
 
 def _run_diff(
@@ -229,8 +229,8 @@ def record_diff(
     summary.issue_counts = diff.issue_counts()
     summary.issues_preview = [i.as_dict() for i in diff.issues[:ISSUE_PREVIEW]]
     summary.deletions_withheld = diff.deletions_withheld
-    with tempfile.TemporaryDirectory(prefix="publish-platform-diff-write-") as scratch:
-        _write_diff(state, summary, diff.stored_changes(Path(scratch)), diff.issues)
+    with ScratchFolder("diff-write") as scratch:
+        _write_diff(state, summary, diff.stored_changes(scratch), diff.issues)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -296,8 +296,8 @@ def run_plan(
     has its operations without their JSON: that is read from diff.parquet into plan.parquet in
     a stream (``read_plan`` has it all).
     """
-    with tempfile.TemporaryDirectory(prefix="publish-platform-plan-") as scratch:
-        return _run_plan(state, settings, partition_key, metastore, approval, Path(scratch))
+    with ScratchFolder("plan") as scratch:
+        return _run_plan(state, settings, partition_key, metastore, approval, scratch)
 
 
 def _run_plan(
@@ -445,8 +445,8 @@ def run_publish(
     result.serial = current
     # The plan and the base snapshot as files, streamed: neither is held whole (a large
     # source's take gigabytes).
-    with tempfile.TemporaryDirectory(prefix="publish-platform-publish-") as scratch:
-        folder = Path(scratch)
+    with ScratchFolder("publish") as scratch:
+        folder = scratch
         operations = pl.scan_parquet(
             state.download(state.batch_key(partition_key, "plan.parquet"), folder / "plan.parquet")
         )

@@ -17,7 +17,6 @@ and the pointer with ``If-Match: <etag>``: two publishers racing for a source ca
 from __future__ import annotations
 
 import io
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +29,7 @@ from pydantic import BaseModel
 from publish_platform.config import S3Location
 from publish_platform.entities import REFERENCES
 from publish_platform.landing import RunRef
+from publish_platform.scratch import ScratchFolder
 
 SNAPSHOT_SCHEMA = {
     "type_name": pl.String,
@@ -229,8 +229,8 @@ class StateStore:
         """A frame as parquet. A lazy one is streamed to a temporary file and uploaded from
         it: never held whole in memory."""
         if isinstance(frame, pl.LazyFrame):
-            with tempfile.TemporaryDirectory(prefix="publish-platform-upload-") as scratch:
-                path = Path(scratch) / "frame.parquet"
+            with ScratchFolder("upload") as scratch:
+                path = scratch / "frame.parquet"
                 frame_parquet(frame, path)
                 return self.put_file(key, path, **conditions)
         buffer = io.BytesIO()
@@ -327,18 +327,18 @@ class StateStore:
         publish step's streams through, never held whole in memory.
         """
         key = self.snapshot_key(source, serial, attempt)
-        with tempfile.TemporaryDirectory(prefix="publish-platform-snapshot-") as scratch:
+        with ScratchFolder("snapshot") as scratch:
             if isinstance(snapshot, Path):
                 ours = snapshot
             else:
-                ours = Path(scratch) / "candidate.parquet"
+                ours = scratch / "candidate.parquet"
                 snapshot_parquet(snapshot, ours)
             try:
                 self.put_file(key, ours, IfNoneMatch="*")
             except ClientError as exc:
                 if not _precondition_failed(exc):
                     raise
-                theirs = Path(scratch) / "existing.parquet"
+                theirs = scratch / "existing.parquet"
                 self.s3.download_file(self.location.bucket, key, str(theirs))
                 if snapshot_digest(theirs) != snapshot_digest(ours):
                     raise StaleStateError(
