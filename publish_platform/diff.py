@@ -186,16 +186,23 @@ class SnapshotView:
             return self._loaded
         return self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
 
+    def find(self, identities: pl.DataFrame) -> np.ndarray:
+        """The snapshot row of each identity's hash, -1 where there is none. An empty snapshot
+        hashes nothing: a source's first batch, every line of which is looked up."""
+        if not self.entities:
+            return np.full(identities.height, -1, dtype=np.int64)
+        return self.identities.find(identity_hashes(identities))
+
     def rows_of(self, identities: pl.DataFrame) -> pl.DataFrame:
         """The rows of these identities (those the snapshot has)."""
-        found = self.identities.find(identity_hashes(identities))
+        found = self.find(identities)
         rows = self.rows(found[found >= 0])
         exact = found_rows(identities, found, rows).get_column("snapshot_row")
         return rows.filter(pl.col("snapshot_row").is_in(exact.implode()))
 
     def exists(self, identities: pl.DataFrame) -> pl.DataFrame:
         """Those of ``identities`` the snapshot has, by their 128-bit hash (no row is read)."""
-        return identities.filter(pl.Series(self.identities.find(identity_hashes(identities)) >= 0))
+        return identities.filter(pl.Series(self.find(identities) >= 0))
 
 
 def found_rows(identities: pl.DataFrame, found: np.ndarray, rows: pl.DataFrame) -> pl.DataFrame:
@@ -267,18 +274,16 @@ def diff_batch(
     recognised_rows = parsed.unchanged.get_column("snapshot_row")
     recognised = np.zeros(view.entities, dtype=bool)
     recognised[recognised_rows.to_numpy()] = True
-    named = pl.concat(
-        [
-            parsed.frame.select(IDENTITY),
-            pl.DataFrame(
-                [(i.type_name, i.qualified_name) for i in parsed.issues if i.qualified_name],
-                schema=IDENTITY_SCHEMA,
-                orient="row",
-            ),
-        ],
-        how="vertical",
+
+    isolated_named = pl.DataFrame(
+        [(i.type_name, i.qualified_name) for i in parsed.issues if i.qualified_name],
+        schema=IDENTITY_SCHEMA,
+        orient="row",
     )
-    named_rows = view.identities.find(identity_hashes(named))
+    # (Looked up apart: a concat would copy the identities of every parsed line.)
+    named_rows = np.concatenate(
+        [view.find(parsed.frame.select(IDENTITY)), view.find(isolated_named)]
+    )
     indexed = view.rows(np.union1d(named_rows[named_rows >= 0], np.flatnonzero(~recognised)))
 
     # Recognised lines stay row numbers. Those whose entity also appears on a parsed line are
@@ -297,25 +302,28 @@ def diff_batch(
             on="snapshot_row",
         )
     )
-    candidates = pl.concat(
-        [
-            parsed.frame,
-            overlap.select(
-                *IDENTITY,
-                connection_qualified_name=pl.lit(source),
-                hash="hash",
-                entity=pl.lit(None, pl.String),
-                references="references",
-                source_file=pl.col("source_file").cast(pl.String),
-                line=pl.col("line").cast(pl.Int64),
-                raw_hash="raw_hash",
-                missing=pl.lit(None, pl.String),
-                entity_row=pl.lit(None, pl.UInt32),
-            ),
-        ],
-        how="vertical",
-        rechunk=True,  # a join or gather copies the entity JSON of a frame of many chunks
-    ).with_row_index("batch_row")  # the order of the lines
+    candidates = parsed.frame
+    if overlap.height:
+        candidates = pl.concat(
+            [
+                parsed.frame,
+                overlap.select(
+                    *IDENTITY,
+                    connection_qualified_name=pl.lit(source),
+                    hash="hash",
+                    entity=pl.lit(None, pl.String),
+                    references="references",
+                    source_file=pl.col("source_file").cast(pl.String),
+                    line=pl.col("line").cast(pl.Int64),
+                    raw_hash="raw_hash",
+                    missing=pl.lit(None, pl.String),
+                    entity_row=pl.lit(None, pl.UInt32),
+                ),
+            ],
+            how="vertical",
+            rechunk=True,  # a join or gather copies the entity JSON of a frame of many chunks
+        )
+    candidates = candidates.with_row_index("batch_row")  # the order of the lines
     batch, issues = screen(candidates, source, parsed.issues)
     protected = _protected_identities(issues)
 
@@ -456,14 +464,20 @@ def screen(
         "unknown_type",
         "typeName {type_name} is not a type this platform publishes",
     )
-    conflicting = pl.col("hash").n_unique().over(IDENTITY) > 1
-    isolate(
-        conflicting,
-        "conflicting_duplicate",
-        "identity appears more than once with different content; none of them is published",
-    )
-    # Exact duplicates (same identity, same content) are harmless: keep the first.
-    frame = frame.unique(subset=IDENTITY, keep="first", maintain_order=True)
+    # Most batches name each identity once: then no identity is grouped, only their 64-bit
+    # hashes (a window over a first batch's million identities took 250 MB). A hash shared
+    # by two identities only makes their rows candidates.
+    repeated = frame.select(pl.struct(IDENTITY).hash().is_duplicated()).to_series()
+    if repeated.any():
+        named_twice = frame.select(*IDENTITY, "hash").with_row_index("at").filter(repeated)
+        conflicting = named_twice.filter(pl.col("hash").n_unique().over(IDENTITY) > 1)
+        isolate(
+            pl.int_range(pl.len()).is_in(conflicting.get_column("at").implode()),
+            "conflicting_duplicate",
+            "identity appears more than once with different content; none of them is published",
+        )
+        # Exact duplicates (same identity, same content) are harmless: keep the first.
+        frame = frame.filter(pl.struct(IDENTITY).is_first_distinct())
     return frame, issues
 
 
