@@ -138,28 +138,34 @@ def build_plan(
 
     upserts, isolated_required = _isolate_missing_required(upserts)
     references = _references(upserts)
-    targets = references.select(IDENTITY).unique()
+    # Streamed: the few targets of a million references, without a table of them all (88 MB).
+    targets = references.lazy().select(IDENTITY).unique().collect(engine="streaming")
     known = _known_identities(targets, changes, snapshot, deletes, isolated_required)
     # What the metastore may still have but will not after this plan: never a valid target.
     doomed = pl.concat(
         [deletes.select(IDENTITY), isolated_required.select(IDENTITY)], how="vertical"
     )
-    upserts, isolated_dangling = _isolate_dangling(upserts, references, known, exists, doomed)
-    del references
+    upserts, isolated_dangling, references = _isolate_dangling(
+        upserts, references, targets, known, exists, doomed
+    )
     isolated = pl.concat([isolated_required, isolated_dangling], how="vertical")
 
     rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
-    ordered = pl.concat(
-        [
-            upserts.sort(rank, maintain_order=True),
-            deletes.sort(rank, descending=True, maintain_order=True),
-        ],
-        how="vertical",
-        rechunk=True,  # later gathers then share the entity JSON instead of copying it
-    ).with_row_index("seq")
-    operations = ordered.with_columns(pl.col("seq").cast(pl.Int64)).select("seq", *CHANGES_SCHEMA)
-    added, removed, repointed = _relationship_changes(operations, snapshot)
+    ordered = upserts.sort(rank, maintain_order=True)
+    if deletes.height:  # (a first batch has none: no concat, which copied its creates)
+        ordered = pl.concat(
+            [ordered, deletes.sort(rank, descending=True, maintain_order=True)],
+            how="vertical",
+            rechunk=True,  # later gathers then share the entity JSON instead of copying it
+        )
+    operations = ordered.with_row_index("seq").select(pl.col("seq").cast(pl.Int64), *CHANGES_SCHEMA)
+    added, removed, repointed = _relationship_changes(operations, references, snapshot)
 
+    op = pl.col("op")
+    # Counted, not filtered: a filter copies the rows it counts.
+    creates, updates = operations.select(
+        (op == "create").sum().alias("creates"), (op == "update").sum().alias("updates")
+    ).row(0)
     header = PlanHeader(
         partition_key=partition_key,
         source=diff.source,
@@ -167,11 +173,11 @@ def build_plan(
         base_serial=base_serial,
         plan_id=plan_id(base_serial, operations),
         source_timestamp=source_timestamp,
-        creates=operations.filter(pl.col("op") == "create").height,
-        updates=operations.filter(pl.col("op") == "update").height,
+        creates=creates,
+        updates=updates,
         deletes=deletes.height,
         unchanged=diff.count("unchanged"),
-        batch_entities=changes.filter(pl.col("op") != "delete").height + diff.unchanged,
+        batch_entities=changes.height - deletes.height + diff.unchanged,
         snapshot_entities=diff.snapshot_entities,
         isolated=diff.isolated + isolated.height,
         isolated_by_plan=isolated.height,
@@ -240,18 +246,26 @@ def _known_identities(
     """Of the identities references point at (``targets``), those that will exist: in the
     batch or the snapshot, less deletions and new entities that are isolated. Only the targets
     are looked up: the union of batch and snapshot would cost a pass over a million rows."""
-    new_isolated = isolated.join(
-        changes.filter(pl.col("op") == "create").select(IDENTITY), on=IDENTITY, how="semi"
-    )
-    in_batch = targets.join(
-        changes.filter(pl.col("op") != "delete").select(IDENTITY), on=IDENTITY, how="semi"
-    )
+    new_isolated = _named_by(changes, pl.col("op") == "create", isolated.select(IDENTITY))
+    in_batch = _named_by(changes, pl.col("op") != "delete", targets)
     in_snapshot = snapshot.exists(targets)
     return (
         pl.concat([in_batch, in_snapshot], how="vertical")
         .unique()
         .join(deletes.select(IDENTITY), on=IDENTITY, how="anti")
         .join(new_isolated.select(IDENTITY), on=IDENTITY, how="anti")
+    )
+
+
+def _named_by(changes: pl.DataFrame, rows: pl.Expr, identities: pl.DataFrame) -> pl.DataFrame:
+    """Those of ``identities`` (few) that ``changes`` has a row of among ``rows``. The batch
+    streams past them: an eager join hashed every identity of a first batch (120 MB at 1M)."""
+    return (
+        changes.lazy()
+        .filter(rows)
+        .select(IDENTITY)
+        .join(identities.lazy(), on=IDENTITY, how="semi")
+        .collect(engine="streaming")
     )
 
 
@@ -273,21 +287,19 @@ def _references(frame: pl.DataFrame) -> pl.DataFrame:
 def _isolate_dangling(
     upserts: pl.DataFrame,
     refs: pl.DataFrame,
+    targets: pl.DataFrame,
     known: pl.DataFrame,
     exists: ExistsLookup | None,
     doomed: pl.DataFrame,
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Isolate entities whose references (``refs``) resolve nowhere, until nothing new dangles.
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Isolate entities whose references (``refs``, to the identities ``targets``) resolve
+    nowhere, until nothing new dangles. Returns the upserts and the references left, and the
+    isolated entities.
 
     The metastore is asked only about targets outside batch and snapshot: an entity this plan
     deletes (or does not publish) may still be in it, but will not be once the plan is applied.
     """
-    unresolved = (
-        refs.select(IDENTITY)
-        .unique()
-        .join(known, on=IDENTITY, how="anti")
-        .join(doomed, on=IDENTITY, how="anti")
-    )
+    unresolved = targets.join(known, on=IDENTITY, how="anti").join(doomed, on=IDENTITY, how="anti")
     if exists is not None and unresolved.height:
         found = exists([tuple(r) for r in unresolved.rows()])
         if found:
@@ -295,9 +307,10 @@ def _isolate_dangling(
                 [known, pl.DataFrame(sorted(found), schema=IDENTITY, orient="row")],
                 how="vertical",
             )
+    if not targets.join(known, on=IDENTITY, how="anti").height:
+        # The usual case: nothing dangles, nothing to take out (a join would copy it all).
+        return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA), refs
     dangling = refs.join(known, on=IDENTITY, how="anti")
-    if not dangling.height:  # the usual case: nothing to take out (a join would copy it all)
-        return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA)
     creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
     isolated_parts = []
     while dangling.height:
@@ -329,15 +342,15 @@ def _isolate_dangling(
         known = known.join(gone.join(creates, on=IDENTITY, how="semi"), on=IDENTITY, how="anti")
         dangling = refs.join(known, on=IDENTITY, how="anti")
     isolated = pl.concat(isolated_parts, how="vertical")
-    return upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti"), isolated
+    return upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti"), isolated, refs
 
 
 def _relationship_changes(
-    operations: pl.DataFrame, snapshot: SnapshotView
+    operations: pl.DataFrame, new: pl.DataFrame, snapshot: SnapshotView
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
-    """Edges added and removed by the plan, and how many (from, attribute) pairs re-point."""
+    """Edges added and removed by the plan (``new``: the references of its upserts), and how
+    many (from, attribute) pairs re-point."""
     old = _references(snapshot.rows_of(operations.select(IDENTITY)))
-    new = _references(operations.filter(pl.col("op") != "delete"))
     if not old.height:  # a source's first batch: every edge is new (an anti-join copies them)
         return new, old, 0
     added = new.join(old, on=list(EDGE_SCHEMA), how="anti")
