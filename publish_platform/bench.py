@@ -260,9 +260,10 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path]:
         stored = Path(scratch, "diff.parquet")
         frame_parquet(diff.stored_changes(Path(scratch, "diff-parts")), stored)
         changes, entities = read_changes(stored)
-        plan = build_plan(
-            dataclasses.replace(diff, changes=changes, entities=entities), PARTITION_KEY, 1
-        )
+        # The diff's changes in memory are let go: the plan step has only the file's.
+        diff = dataclasses.replace(diff, changes=changes, entities=entities)
+        del changes
+        plan = build_plan(diff, PARTITION_KEY, 1)
         planned = folder / f"planned-{version}.parquet"
         frame_parquet(plan.stored_operations(Path(scratch, "plan-parts")), planned)
         return plan.header, planned
