@@ -300,8 +300,8 @@ def line_blocks(content: bytes | Iterable[bytes]) -> Iterator[Block]:
     """Blocks of whole lines of about BLOCK_BYTES from a file held whole (sliced, not copied)
     or streamed in pieces (an S3 body: only about one block is held at a time).
 
-    A block is one buffer or a few: a large piece is used as it is, but for the line it shares
-    with the pieces before it (joined with theirs); small pieces are joined into one buffer.
+    A block is a few buffers: the pieces' whole lines as they lie (not copied), and between
+    them each line that began in one piece and ended in another (joined).
     """
     if isinstance(content, bytes | bytearray):
         view, start = memoryview(content), 0
@@ -312,23 +312,31 @@ def line_blocks(content: bytes | Iterable[bytes]) -> Iterator[Block]:
             yield [view[start:end]]
             start = end
         return
-    pending: list[bytes] = []  # pieces not yet in a block: they end within a line
+    block: Block = []
     size = 0
+    begun: list[bytes] = []  # the start of a line: pieces it lies in, not ended yet
     for piece in content:
         last = piece.rfind(b"\n")
-        if size + len(piece) < BLOCK_BYTES or last < 0:
-            pending.append(piece)
-            size += len(piece)
+        if last < 0:  # a piece within one line
+            begun.append(piece)
             continue
         first = piece.find(b"\n")
-        block: Block = [b"".join([*pending, piece[: first + 1]])]
-        if last > first:
-            block.append(memoryview(piece)[first + 1 : last + 1])
+        if begun:
+            block.append(b"".join([*begun, piece[: first + 1]]))
+            start = first + 1
+        else:
+            start = 0
+        if last >= start:
+            block.append(memoryview(piece)[start : last + 1])
+        size += sum(len(part) for part in begun) + last + 1
+        begun = [piece[last + 1 :]] if last + 1 < len(piece) else []
+        if size >= BLOCK_BYTES:
+            yield block
+            block, size = [], 0
+    if begun:
+        block.append(b"".join(begun))
+    if block:
         yield block
-        pending = [piece[last + 1 :]]
-        size = len(pending[0])
-    if size:
-        yield [b"".join(pending)]
 
 
 @dataclass

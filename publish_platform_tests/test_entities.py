@@ -9,11 +9,13 @@ import sys
 import orjson
 import pytest
 
+from publish_platform import entities as entities_module
 from publish_platform.entities import (
     MAX_DEPTH,
     HashIndex,
     canonical_json,
     content_hash,
+    line_blocks,
     parse_files,
     references_of,
 )
@@ -282,3 +284,22 @@ def test_parsed_entities_are_one_chunk_so_joins_share_their_json() -> None:
     parsed = parse_files(files, VOLATILE)
     assert parsed.frame.height == len(entities)
     assert parsed.frame.n_chunks() == 1
+
+
+@pytest.mark.parametrize("piece", [1, 7, 64, 1000])
+def test_streamed_pieces_become_blocks_of_whole_lines_with_every_byte_once(
+    monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    """Pieces cut anywhere (within a line, at its newline, one line over many pieces), with or
+    without a last newline: the blocks hold every byte once, in order, each of whole lines."""
+    monkeypatch.setattr(entities_module, "BLOCK_BYTES", 256)
+    for data in (
+        b"".join(b'{"n": %d, "pad": "%s"}\n' % (n, b"x" * (n * 37 % 300)) for n in range(60)),
+        b'{"a": 1}\n\n{"b": "' + b"y" * 900 + b'"}\n{"c": 3}',  # a blank line, no last newline
+    ):
+        pieces = [data[start : start + piece] for start in range(0, len(data), piece)]
+        blocks = list(line_blocks(iter(pieces)))
+        assert b"".join(bytes(part) for block in blocks for part in block) == data
+        for block in blocks[:-1]:
+            assert bytes(block[-1]).endswith(b"\n")
+        assert len(blocks) > 1
