@@ -44,6 +44,14 @@ TYPE_RANK: dict[str, int] = {
     "Column": 5,
 }
 
+
+def plan_order() -> pl.Expr:
+    """Where a change goes in a plan: creates and updates parents first, then deletes children
+    first. A stable sort by it keeps the diff's order (the batch's lines) within a type rank."""
+    rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
+    return pl.when(pl.col("op") == "delete").then(2 * len(TYPE_RANK) + 1 - rank).otherwise(rank)
+
+
 # What a stored diff holds per entity: the snapshot's columns, the operation, and the required
 # attributes the entity lacks ("" when none; null for a delete, or when not known).
 DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA, "missing": pl.String}
@@ -371,13 +379,17 @@ def diff_batch(
                 .select(list(CHANGES_SCHEMA))
             )
 
-    # Creates and updates in the order of their lines, whatever the parse held or spilled: the
-    # plan keeps it within a type rank, and the spilled JSON is read back in one pass.
+    # In plan order, and within a type rank in the order of the lines (whatever the parse held
+    # or spilled): the plan step has nothing to sort (its copy was the larger part of a first
+    # plan's memory), and each rank reads the spilled JSON back in one pass.
     upserts = pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal")
     changes = pl.concat(
-        [upserts.sort("batch_row").select(list(CHANGES_SCHEMA)), deletes],
+        [
+            upserts.sort(plan_order(), "batch_row").select(list(CHANGES_SCHEMA)),
+            deletes.sort(plan_order(), maintain_order=True),
+        ],
         how="vertical",
-        rechunk=True,  # the plan sorts it: one chunk shares the entity JSON, many are copied
+        rechunk=True,  # one chunk shares the entity JSON, many are copied
     )
     return DiffResult(
         source=source,

@@ -30,12 +30,12 @@ from publish_platform.diff import (
     CHANGES_SCHEMA,
     DIFF_SCHEMA,
     IDENTITY,
-    TYPE_RANK,
     DiffResult,
     Mode,
     SnapshotView,
     as_changes,
     as_view,
+    plan_order,
 )
 from publish_platform.entities import REQUIRED_ATTRIBUTES, missing_required, with_entities
 
@@ -150,14 +150,15 @@ def build_plan(
     )
     isolated = pl.concat([isolated_required, isolated_dangling], how="vertical")
 
-    rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
-    ordered = upserts.sort(rank, maintain_order=True)
+    ordered = upserts
     if deletes.height:  # (a first batch has none: no concat, which copied its creates)
         ordered = pl.concat(
-            [ordered, deletes.sort(rank, descending=True, maintain_order=True)],
+            [upserts, deletes],
             how="vertical",
             rechunk=True,  # later gathers then share the entity JSON instead of copying it
         )
+    if not ordered.select(plan_order().is_sorted()).item():  # (a diff lists them in order)
+        ordered = ordered.sort(plan_order(), maintain_order=True)
     operations = ordered.with_row_index("seq").select(pl.col("seq").cast(pl.Int64), *CHANGES_SCHEMA)
     added, removed, repointed = _relationship_changes(operations, references, snapshot)
 
