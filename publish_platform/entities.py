@@ -529,7 +529,7 @@ def with_entities(
     ``scratch``, which must outlive the frame returned (it scans them). A chunk is rows whose
     ``entity_row`` ascends within one window of FILL_ROWS rows of ``entities``, read by a
     slice: only that window is decoded. (A join, even streamed, buffered every entity.) A diff
-    reads ``entities`` once; a plan, once per type rank.
+    (in plan order) reads its spill once per type rank; a plan reads its diff once.
     """
     if entities is None or frame.get_column("entity_row").null_count() == frame.height:
         return frame.lazy()

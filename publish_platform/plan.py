@@ -1,8 +1,9 @@
 """Turn a diff into an ordered, checked plan.
 
 Order: creates and updates parents first (Connection → Database → Schema → Table… → Column),
-then deletes children first; within a type rank, in the diff's order (the order of the batch's
-lines), so that a plan's entity JSON is written from the diff's in one pass per rank. The plan
+then deletes children first; within a type rank, in the order of the batch's lines. A diff
+lists its changes in that order (``diff.plan_order``): the plan's entity JSON is written from
+the diff's in one pass, and a large plan is not a sorted copy of its diff. The plan
 pins the snapshot serial it was computed against, so it can only ever be applied on top of that
 state.
 
