@@ -17,7 +17,14 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from publish_platform.entities import EntityIssue, HashIndex, ParsedEntities, with_entities
+from publish_platform.entities import (
+    TYPE_RANK,
+    EntityIssue,
+    HashIndex,
+    ParsedEntities,
+    type_rank,
+    with_entities,
+)
 from publish_platform.scratch import ScratchFolder
 from publish_platform.state import (
     SNAPSHOT_SCHEMA,
@@ -29,26 +36,11 @@ from publish_platform.state import (
 
 Mode = Literal["full", "incremental"]
 
-# Types this platform knows how to order and publish (Atlas SQL asset model), parents first.
-TYPE_RANK: dict[str, int] = {
-    "Connection": 0,
-    "Database": 1,
-    "Schema": 2,
-    "Table": 3,
-    "View": 3,
-    "MaterialisedView": 3,
-    "Procedure": 3,
-    "Function": 3,
-    "SnowflakeDynamicTable": 3,
-    "TablePartition": 4,
-    "Column": 5,
-}
-
 
 def plan_order() -> pl.Expr:
     """Where a change goes in a plan: creates and updates parents first, then deletes children
     first. A stable sort by it keeps the diff's order (the batch's lines) within a type rank."""
-    rank = pl.col("type_name").replace_strict(TYPE_RANK, default=len(TYPE_RANK))
+    rank = type_rank().cast(pl.Int32)
     return pl.when(pl.col("op") == "delete").then(2 * len(TYPE_RANK) + 1 - rank).otherwise(rank)
 
 
@@ -381,16 +373,21 @@ def diff_batch(
 
     # In plan order, and within a type rank in the order of the lines (whatever the parse held
     # or spilled): the plan step has nothing to sort (its copy was the larger part of a first
-    # plan's memory), and each rank reads the spilled JSON back in one pass.
-    upserts = pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal")
-    changes = pl.concat(
-        [
-            upserts.sort(plan_order(), "batch_row").select(list(CHANGES_SCHEMA)),
-            deletes.sort(plan_order(), maintain_order=True),
-        ],
-        how="vertical",
-        rechunk=True,  # one chunk shares the entity JSON, many are copied
-    )
+    # plan's memory), and each rank reads the spilled JSON back in one pass. A first batch's
+    # creates are in that order as parsed: not sorted, which would copy them all.
+    upserts = creates
+    if updates.height:  # (a concat, of a first batch too, would copy the creates)
+        upserts = pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal")
+    in_order = upserts.select(plan_order().is_sorted() & pl.col("batch_row").is_sorted())
+    if not in_order.item():
+        upserts = upserts.sort(plan_order(), "batch_row")
+    changes = upserts.select(list(CHANGES_SCHEMA))
+    if deletes.height:
+        changes = pl.concat(
+            [changes, deletes.sort(plan_order(), maintain_order=True)],
+            how="vertical",
+            rechunk=True,  # one chunk shares the entity JSON, many are copied
+        )
     return DiffResult(
         source=source,
         mode=mode,
@@ -477,10 +474,14 @@ def screen(
         "typeName {type_name} is not a type this platform publishes",
     )
     # Most batches name each identity once: then no identity is grouped, only their 64-bit
-    # hashes (a window over a first batch's million identities took 250 MB). A hash shared
-    # by two identities only makes their rows candidates.
-    repeated = frame.select(pl.struct(IDENTITY).hash().is_duplicated()).to_series()
-    if repeated.any():
+    # hashes are sorted (a window over a first batch's million identities took 250 MB, a hash
+    # table of its hashes 100 MB). A hash shared by two identities only makes their rows
+    # candidates.
+    hashes = frame.select(pl.struct(IDENTITY).hash()).to_series()
+    ordered = hashes.sort()
+    shared = ordered.filter(ordered == ordered.shift(1))
+    if shared.len():
+        repeated = hashes.is_in(shared)
         named_twice = frame.select(*IDENTITY, "hash").with_row_index("at").filter(repeated)
         conflicting = named_twice.filter(pl.col("hash").n_unique().over(IDENTITY) > 1)
         isolate(

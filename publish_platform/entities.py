@@ -39,6 +39,30 @@ Block = list[bytes | memoryview]
 # deeper than this, and parses no deeper than 1024. Deeper lines are isolated, never a crash.
 MAX_DEPTH = 254
 
+# Types this platform knows how to order and publish (Atlas SQL asset model), parents first.
+TYPE_RANK: dict[str, int] = {
+    "Connection": 0,
+    "Database": 1,
+    "Schema": 2,
+    "Table": 3,
+    "View": 3,
+    "MaterialisedView": 3,
+    "Procedure": 3,
+    "Function": 3,
+    "SnowflakeDynamicTable": 3,
+    "TablePartition": 4,
+    "Column": 5,
+}
+
+
+def type_rank() -> pl.Expr:
+    """Where an entity's type comes among a plan's creates and updates: parents first, a type
+    this platform does not publish last (the diff isolates it)."""
+    return pl.col("type_name").replace_strict(
+        TYPE_RANK, default=len(TYPE_RANK), return_dtype=pl.UInt8
+    )
+
+
 # What every entity must have to be published (plan rule): checked when its line is parsed.
 REQUIRED_ATTRIBUTES = ("qualifiedName", "name", "connectionQualifiedName")
 
@@ -341,6 +365,8 @@ def line_blocks(content: bytes | Iterable[bytes]) -> Iterator[Block]:
 
 @dataclass
 class ParsedEntities:
+    # The valid entities (ENTITY_SCHEMA) by type rank, then in the order of the lines: the order
+    # of a plan's creates, so a first batch's diff lists them as they are (a sort copied them).
     frame: pl.DataFrame
     issues: list[EntityIssue]
     lines: int
@@ -422,7 +448,7 @@ def parse_files(
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
     rows: dict[str, list] = {name: [] for name in ENTITY_SCHEMA}
-    frames: list[pl.DataFrame] = [pl.DataFrame(schema=ENTITY_SCHEMA)]
+    frames: dict[int, list[pl.DataFrame]] = {}  # by type rank
     unchanged: list[pl.DataFrame] = [pl.DataFrame(schema=UNCHANGED_SCHEMA)]
     issues: list[EntityIssue] = []
     total = 0
@@ -474,14 +500,18 @@ def parse_files(
                 if held > HELD_JSON_BYTES:
                     frame = _spill(frame, spill, spilled)
                     spilled += frame.height
-            frames.append(frame)
+            for rank, part in _by_type_rank(frame):
+                frames.setdefault(rank, []).append(part)
             rows = {name: [] for name in ENTITY_SCHEMA}
     _return_freed_memory()
+    in_rank_order = [part for rank in sorted(frames) for part in frames[rank]]
     return ParsedEntities(
         # One chunk: polars copies the strings of a many-chunk frame on every join or gather
         # (the diff's and the plan's), where it shares those of one chunk. (Rechunking shares
         # them too: only the views are concatenated.)
-        frame=pl.concat(frames, how="vertical", rechunk=True),
+        frame=pl.concat(
+            [pl.DataFrame(schema=ENTITY_SCHEMA), *in_rank_order], how="vertical", rechunk=True
+        ),
         issues=issues,
         lines=total,
         last_sync_ms=last_sync_ms,
@@ -489,6 +519,18 @@ def parse_files(
         unchanged=pl.concat(unchanged, how="vertical"),
         entities=spilled_entities(spill) if spill is not None and spilled else None,
     )
+
+
+def _by_type_rank(frame: pl.DataFrame) -> Iterator[tuple[int, pl.DataFrame]]:
+    """A block's entities split by type rank, each part in the order of its lines. (The files
+    of a connector's run hold one type each: most blocks are one part, not copied.)"""
+    ranks = frame.select(type_rank()).to_series()
+    if ranks.n_unique() == 1:
+        yield ranks[0], frame
+        return
+    parts = frame.with_columns(rank=ranks).partition_by("rank", maintain_order=True, as_dict=True)
+    for (rank,), part in parts.items():
+        yield int(rank), part.drop("rank")
 
 
 def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:

@@ -18,6 +18,7 @@ from publish_platform.entities import (
     line_blocks,
     parse_files,
     references_of,
+    type_rank,
 )
 
 from .support import SEED_SAMPLE, SOURCE, VOLATILE, entity, jsonl, upstream_data, upstream_entities
@@ -104,11 +105,15 @@ def test_parse_real_fixture_run():
     assert parsed.frame.height == 38
     assert parsed.frame["hash"].n_unique() == 38
     assert parsed.last_sync_ms == max(e["attributes"]["lastSyncRunAt"] for e in upstream_entities())
+    # Parents first (the order of a plan's creates), each type in the order of its lines.
+    order = parsed.frame.select(rank=type_rank(), file="source_file", line="line")
+    assert order.equals(order.sort("rank", "file", "line"))
+    assert order.get_column("rank").n_unique() == 5
     first = parsed.frame.row(0, named=True)
-    assert first["source_file"] == "transformed/column/entities.json"
-    assert first["line"] == 1
+    assert (first["source_file"], first["line"]) == ("transformed/database/entities.json", 1)
     # The stored entity is the canonical JSON of the input, volatile attributes included.
-    assert orjson.loads(first["entity"]) == upstream_entities()[0]
+    database = upstream_data()["transformed/database/entities.json"]
+    assert orjson.loads(first["entity"]) == orjson.loads(database.splitlines()[0])
 
 
 def test_parse_seed_sample():
