@@ -247,7 +247,9 @@ def recognisable(snapshot: pl.DataFrame | SnapshotView) -> HashIndex:
 
 def derive_source(parsed: ParsedEntities) -> str | list[str]:
     """The batch's connection, from its data: exactly one, or the list of all it names."""
-    connections = parsed.frame.get_column("connection_qualified_name").unique().sort().to_list()
+    connections = (
+        parsed.frame.get_column("connection_qualified_name").unique().cast(pl.String).sort()
+    ).to_list()
     return connections[0] if len(connections) == 1 else connections
 
 
@@ -309,11 +311,11 @@ def diff_batch(
                 parsed.frame,
                 overlap.select(
                     *IDENTITY,
-                    connection_qualified_name=pl.lit(source),
+                    connection_qualified_name=pl.lit(source, pl.Categorical),
                     hash="hash",
                     entity=pl.lit(None, pl.String),
                     references="references",
-                    source_file=pl.col("source_file").cast(pl.String),
+                    source_file="source_file",
                     line=pl.col("line").cast(pl.Int64),
                     raw_hash="raw_hash",
                     missing=pl.lit(None, pl.String),
@@ -481,7 +483,7 @@ def screen(
     ordered = hashes.sort()
     shared = ordered.filter(ordered == ordered.shift(1))
     if shared.len():
-        repeated = hashes.is_in(shared)
+        repeated = hashes.is_in(shared.implode())
         named_twice = frame.select(*IDENTITY, "hash").with_row_index("at").filter(repeated)
         conflicting = named_twice.filter(pl.col("hash").n_unique().over(IDENTITY) > 1)
         isolate(

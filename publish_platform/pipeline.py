@@ -209,6 +209,9 @@ def _run_diff(
     if snapshot is None:
         snapshot = open_snapshot(state, summary.source, base_serial)
     diff = diff_batch(parsed, snapshot, summary.source, summary.mode, force=force)
+    # What of the parsed lines the changes do not hold (their files, lines, connection; the
+    # identities of the unchanged ones) is let go before the diff is written.
+    del parsed
     record_diff(state, summary, diff, base_serial)
     summary.duration_s = time.perf_counter() - started
     return summary
