@@ -477,9 +477,10 @@ def screen(
     )
     # Most batches name each identity once: then no identity is grouped, only their 64-bit
     # hashes are sorted (a window over a first batch's million identities took 250 MB, a hash
-    # table of its hashes 100 MB). A hash shared by two identities only makes their rows
-    # candidates.
-    hashes = frame.select(pl.struct(IDENTITY).hash()).to_series()
+    # table of its hashes 100 MB, a struct of its identities 70 MB). A hash shared by two
+    # identities only makes their rows candidates.
+    hashes = frame.select(pl.col("qualified_name").hash(1).xor(pl.col("type_name").hash(2)))
+    hashes = hashes.to_series()
     ordered = hashes.sort()
     shared = ordered.filter(ordered == ordered.shift(1))
     if shared.len():
