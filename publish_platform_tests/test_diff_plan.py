@@ -291,6 +291,27 @@ def test_plan_ranks_every_sql_type_of_the_fixture():
     assert plan.operations["type_name"][-1] == "Column"
 
 
+def test_a_first_batch_is_listed_as_parsed_and_any_other_order_is_sorted():
+    parsed = parse_files(sorted(upstream_data().items()), VOLATILE)
+    diff = diff_batch(parsed, empty_snapshot(), UPSTREAM_SOURCE, "full")
+    identities = ["type_name", "qualified_name"]
+    # The parse lists a first batch in plan order: the changes are its rows as they are.
+    assert diff.changes.select(identities).equals(parsed.frame.select(identities))
+    # A frame in another order (a rollback's is the snapshot's) is put in plan order, each type
+    # in the order of its lines.
+    reversed_batch = ParsedEntities(parsed.frame.reverse(), [], parsed.lines)
+    listed = diff_batch(reversed_batch, empty_snapshot(), UPSTREAM_SOURCE, "full").changes
+    ranks = [TYPE_RANK[t] for t in listed["type_name"]]
+    assert ranks == sorted(ranks) and len(ranks) == 38
+    columns = listed.filter(pl.col("type_name") == "Column")["qualified_name"].to_list()
+    assert (
+        columns
+        == parsed.frame.reverse()
+        .filter(pl.col("type_name") == "Column")["qualified_name"]
+        .to_list()
+    )
+
+
 def test_empty_plan_preview():
     snapshot = published(parse(small_source()), SOURCE)
     plan = build_plan(diff_batch(parse(small_source()), snapshot, SOURCE, "full"), PK, 1)
