@@ -329,7 +329,9 @@ def diff_batch(
     batch, issues = screen(candidates, source, parsed.issues)
     protected = _protected_identities(issues)
 
-    found = batch.join(
+    # (No snapshot row read, none to find: a join with none hashed every identity of a first
+    # batch.)
+    found = (batch if indexed.height else batch.head(0)).join(
         indexed.select(*IDENTITY, "snapshot_row", pl.col("hash").alias("old_hash"), "guid"),
         on=IDENTITY,
     )
