@@ -226,12 +226,13 @@ def measure_naive(folder: Path) -> dict[str, float]:
     }
 
 
-def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path]:
+def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path, float]:
     """What the diff and plan steps compute for a batch (imports are done by the caller):
     ``snapshot`` is a snapshot file, as the diff step reads it, or a frame. As in the steps,
     the entity JSON is spilled while the batch is parsed and diffed, streamed into the diff's
     file, and from there into the plan's (local files here, where the steps upload them).
-    Returns the plan's header and its file."""
+    Returns the plan's header, its file, and the peak RSS up to the diff's file written (the
+    diff step's; the plan step, a process of its own in the platform, follows here in this one)."""
     import dataclasses
     import tempfile
 
@@ -259,6 +260,7 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path]:
         del parsed
         stored = Path(scratch, "diff.parquet")
         frame_parquet(diff.stored_changes(Path(scratch, "diff-parts")), stored)
+        diff_step_peak_mb = _peak_rss_mb()  # the diff step's own peak: its process ends here
         changes, entities = read_changes(stored)
         # The diff's changes in memory are let go: the plan step has only the file's.
         diff = dataclasses.replace(diff, changes=changes, entities=entities)
@@ -266,7 +268,7 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path]:
         plan = build_plan(diff, PARTITION_KEY, 1)
         planned = folder / f"planned-{version}.parquet"
         frame_parquet(plan.stored_operations(Path(scratch, "plan-parts")), planned)
-        return plan.header, planned
+        return plan.header, planned, diff_step_peak_mb
 
 
 PREPARE_LINES = 500_000  # v1 becomes its snapshot this many lines at a time
@@ -328,10 +330,11 @@ def measure_diff_plan(folder: Path, version: str = "v2", first: bool = False) ->
 
     started = time.perf_counter()
     snapshot = empty_snapshot() if first else folder / "snapshot-v1.parquet"
-    header, planned = _diff_plan(folder, version, snapshot)
+    header, planned, diff_step_peak_mb = _diff_plan(folder, version, snapshot)
     planned.unlink()
     return {
         "seconds": time.perf_counter() - started,
+        "diff_step_peak_rss_mb": diff_step_peak_mb,
         "creates": header.creates,
         "updates": header.updates,
         "deletes": header.deletes,
@@ -363,7 +366,7 @@ def measure_publish(folder: Path) -> dict[str, float]:
         peak_rss_mb = _peak_rss_mb()  # of the publish alone: the no-op batch's diff comes next
         published.unlink()
         before = sum(catalog.versions().values())
-        noop, planned = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
+        noop, planned, _ = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
         execute_plan(pl.scan_parquet(planned), catalog, chunk_size=SQL_CHUNK_SIZE, source=SOURCE)
         planned.unlink()
         writes = sum(catalog.versions().values()) - before
@@ -594,6 +597,7 @@ def run_bench(
         # A source's first batch (no snapshot yet): every line parsed, its JSON spilled.
         "first_diff_plan_s": round(first["seconds"], 3),
         "first_diff_plan_peak_rss_mb": round(first["peak_rss_mb"], 1),
+        "first_diff_step_peak_rss_mb": round(first["diff_step_peak_rss_mb"], 1),
         "publish_entities_per_s": round(publish["entities_per_s"], 1),
         "publish_s": round(publish["seconds"], 3),
         "publish_snapshot_s": round(publish["snapshot_s"], 3),
