@@ -21,7 +21,7 @@ import hashlib
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -383,13 +383,29 @@ class ParsedEntities:
 
 @dataclass
 class _ScannedBlock:
-    """A block of lines after the raw-hash pass: how many lines, which are unchanged (frame in
-    UNCHANGED_SCHEMA) and which must be parsed (line number, bytes, raw hash)."""
+    """A block of lines after the raw-hash pass: how many lines (``lines`` non-blank, ``span``
+    with the blank ones), which are unchanged (frame in UNCHANGED_SCHEMA) and which must be
+    parsed (line number, bytes, raw hash). Scanned, the lines are numbered from 1 in the block;
+    ``renumber`` makes them the file's."""
 
     source_file: str
     lines: int
+    span: int
     unchanged: pl.DataFrame | None
     to_parse: list[tuple[int, bytes, int | None]]
+
+    def renumber(self, first_line: int) -> None:
+        shift = first_line - 1
+        if not shift:
+            return
+        if self.unchanged is not None:
+            self.unchanged = self.unchanged.with_columns(pl.col("line") + shift)
+        self.to_parse = [(number + shift, line, raw) for number, line, raw in self.to_parse]
+
+
+# Blocks scanned at once: one block's single-threaded parts (splitting its lines, the lookup)
+# overlap another's polars query.
+SCAN_WORKERS = 2
 
 
 def _scanned_blocks(
@@ -397,31 +413,58 @@ def _scanned_blocks(
     hasher: RawHasher,
     known: HashIndex | None,
 ) -> Iterator[_ScannedBlock]:
-    for source_file, content in files:
-        first_line = 1
-        for block in line_blocks(content):
-            scanned, block_lines = hasher.scan(block, first_line)
-            first_line += block_lines
-            lines = scanned.height
-            unchanged = None
-            if known is not None:
-                matched = known.find(scanned.get_column("raw_hash"))
-                hit = pl.Series(matched >= 0)
-                unchanged = scanned.filter(hit).select(
-                    snapshot_row=pl.Series(matched[matched >= 0], dtype=pl.UInt32),
-                    source_file=pl.lit(source_file, pl.Categorical),
-                    line=pl.col("line").cast(pl.UInt32),
-                )
-                scanned = scanned.filter(~hit)
-            yield _ScannedBlock(source_file, lines, unchanged, scanned.rows())
+    """Every file's blocks in order: read ahead by a thread of their own, scanned by
+    SCAN_WORKERS others. A block's line numbers are known once the blocks before it are."""
+    blocks = read_ahead(
+        (index, source_file, block)
+        for index, (source_file, content) in enumerate(files)
+        for block in line_blocks(content)
+    )
+    next_line: dict[int, int] = {}  # of each file
+    with ThreadPoolExecutor(SCAN_WORKERS, thread_name_prefix="scan") as pool:
+        pending: deque[tuple[int, Future[_ScannedBlock]]] = deque()
+
+        def first_pending() -> _ScannedBlock:
+            index, scanning = pending.popleft()
+            scanned = scanning.result()
+            first_line = next_line.get(index, 1)
+            next_line[index] = first_line + scanned.span
+            scanned.renumber(first_line)
+            return scanned
+
+        for index, source_file, block in blocks:
+            pending.append((index, pool.submit(_scan_block, source_file, block, hasher, known)))
+            if len(pending) > SCAN_WORKERS:
+                yield first_pending()
+        while pending:
+            yield first_pending()
+
+
+def _scan_block(
+    source_file: str, block: Block, hasher: RawHasher, known: HashIndex | None
+) -> _ScannedBlock:
+    scanned, span = hasher.scan(block, 1)
+    lines = scanned.height
+    unchanged = None
+    if known is not None:
+        matched = known.find(scanned.get_column("raw_hash"))
+        hit = pl.Series(matched >= 0)
+        unchanged = scanned.filter(hit).select(
+            snapshot_row=pl.Series(matched[matched >= 0], dtype=pl.UInt32),
+            source_file=pl.lit(source_file, pl.Categorical),
+            line=pl.col("line").cast(pl.UInt32),
+        )
+        scanned = scanned.filter(~hit)
+    return _ScannedBlock(source_file, lines, span, unchanged, scanned.rows())
 
 
 def read_ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """``items``, produced by a worker thread up to ``depth`` ahead of the consumer.
+    """``items``, produced by a worker thread up to ``depth`` ahead of the consumer: a batch's
+    pieces are read (from S3, a file) while the blocks before them are scanned and parsed.
 
-    Producing a block (reading it, the raw-hash pass in polars, the lookup in numpy) runs mostly
-    without the GIL, so it overlaps the consumer's Python work on the block before: the two
-    steps share two cores instead of taking turns on one.
+    Scanning a block (the raw-hash pass in polars, the lookup in numpy) runs mostly without the
+    GIL, so it overlaps the parse's Python work on the blocks before: the steps share two cores
+    instead of taking turns on one.
     """
     end = object()
     with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as worker:
@@ -458,7 +501,7 @@ def parse_files(
     last_sync_ms: int | None = None
     known = known_raw if known_raw is not None and len(known_raw) else None
     spilled = held = 0  # rows spilled; bytes of JSON held
-    for block in read_ahead(_scanned_blocks(files, hasher, known)):
+    for block in _scanned_blocks(files, hasher, known):
         source_file = block.source_file
         total += block.lines
         lines_by_file[source_file] = lines_by_file.get(source_file, 0) + block.lines
