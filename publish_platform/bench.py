@@ -354,7 +354,12 @@ def measure_publish(folder: Path) -> dict[str, float]:
     from publish_platform.state import empty_snapshot, snapshot_parquet
 
     operations = pl.scan_parquet(folder / "plan-v1.parquet")
-    catalog = SqlCatalog(f"sqlite:///{folder / 'catalog.sqlite'}")
+    # A kept folder may hold the catalog of an earlier run: publishing into it would update
+    # every entity, not create it.
+    database = folder / "catalog.sqlite"
+    for stale in (database, *folder.glob("catalog.sqlite-*")):
+        stale.unlink(missing_ok=True)
+    catalog = SqlCatalog(f"sqlite:///{database}")
     try:
         started = time.perf_counter()
         outcome = execute_plan(operations, catalog, chunk_size=SQL_CHUNK_SIZE, source=SOURCE)
