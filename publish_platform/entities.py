@@ -214,10 +214,11 @@ class RawHasher:
         first, second = (blanked.hash(seed).cast(pl.UInt128) for seed in self.seeds)
         return pl.when(named <= self.limit).then(first * 2**64 + second)
 
-    def scan(self, block: Block, first_line: int) -> tuple[pl.DataFrame, int]:
-        """The non-blank lines of a block of whole lines: ``line`` (its number), ``data`` (its
-        bytes, newline included) and ``raw_hash`` (null for a line that is not UTF-8 or names a
-        volatile attribute twice); and how many lines the block has, blank ones included."""
+    def scan(self, block: Block) -> tuple[pl.DataFrame, int]:
+        """The non-blank lines of a block of whole lines: ``line`` (its number in the block,
+        from 1), ``data`` (its bytes, newline included) and ``raw_hash`` (null for a line that is
+        not UTF-8 or names a volatile attribute twice); and how many lines the block has, blank
+        ones included."""
         lines = pa.chunked_array([_split_lines(part) for part in block], pa.large_binary())
         data = pl.from_arrow(lines)
         assert isinstance(data, pl.Series)
@@ -228,7 +229,7 @@ class RawHasher:
         scanned = (
             pl.DataFrame({"data": data, "text": text})
             .lazy()
-            .with_row_index("line", offset=first_line)
+            .with_row_index("line", offset=1)
             .filter(~pl.col("text").str.contains(r"^\s*$").fill_null(False))
             .select(
                 pl.col("line").cast(pl.Int64),
@@ -240,7 +241,7 @@ class RawHasher:
         return scanned, len(lines)
 
     def __call__(self, line: bytes) -> int | None:
-        scanned, _ = self.scan([line], 1)
+        scanned, _ = self.scan([line])
         return scanned.item(0, "raw_hash") if scanned.height else None
 
 
@@ -443,7 +444,7 @@ def _scanned_blocks(
 def _scan_block(
     source_file: str, block: Block, hasher: RawHasher, known: HashIndex | None
 ) -> _ScannedBlock:
-    scanned, span = hasher.scan(block, 1)
+    scanned, span = hasher.scan(block)
     lines = scanned.height
     unchanged = None
     if known is not None:

@@ -448,8 +448,7 @@ def run_publish(
     result.serial = current
     # The plan and the base snapshot as files, streamed: neither is held whole (a large
     # source's take gigabytes).
-    with ScratchFolder("publish") as scratch:
-        folder = scratch
+    with ScratchFolder("publish") as folder:
         operations = pl.scan_parquet(
             state.download(state.batch_key(partition_key, "plan.parquet"), folder / "plan.parquet")
         )

@@ -40,10 +40,6 @@ class ScratchFolder:
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._finalizer = weakref.finalize(self, _remove, self.path, self._lock)
 
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
     def cleanup(self) -> None:
         self._finalizer()
 
