@@ -226,49 +226,81 @@ def measure_naive(folder: Path) -> dict[str, float]:
     }
 
 
-def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path, float]:
-    """What the diff and plan steps compute for a batch (imports are done by the caller):
-    ``snapshot`` is a snapshot file, as the diff step reads it, or a frame. As in the steps,
-    the entity JSON is spilled while the batch is parsed and diffed, streamed into the diff's
-    file, and from there into the plan's (local files here, where the steps upload them).
-    Returns the plan's header, its file, and the peak RSS up to the diff's file written (the
-    diff step's; the plan step, a process of its own in the platform, follows here in this one)."""
-    import dataclasses
-    import tempfile
+def _pieces(path: Path, size: int = 8 << 20) -> Iterator[bytes]:
+    """The file in pieces, as an S3 body streams it: never held whole."""
+    with open(path, "rb") as data:
+        while piece := data.read(size):
+            yield piece
 
-    from publish_platform.diff import SnapshotView, diff_batch, read_changes, recognisable
+
+def _diff_step(folder: Path, version: str, view: Any, scratch: Path) -> tuple[Any, Path]:
+    """What the diff step computes for a batch (imports are done by the caller): as in the
+    step, the entity JSON is spilled while the batch is parsed and diffed, then streamed into
+    the diff's file (local here, where the step uploads it). Returns the diff, without its
+    changes (the plan step reads them from the file), and the file."""
+    import dataclasses
+
+    import polars as pl
+
+    from publish_platform.diff import CHANGES_SCHEMA, diff_batch, recognisable
     from publish_platform.entities import parse_files
-    from publish_platform.plan import build_plan
     from publish_platform.state import frame_parquet
 
-    def pieces(path: Path, size: int = 8 << 20) -> Iterator[bytes]:
-        """The file in pieces, as an S3 body streams it: never held whole."""
-        with open(path, "rb") as data:
-            while piece := data.read(size):
-                yield piece
+    parsed = parse_files(
+        [(f"{version}.jsonl", _pieces(folder / f"{version}.jsonl"))],
+        DEFAULT_VOLATILE_ATTRIBUTES,
+        known_raw=recognisable(view),  # for the parse only, as in the diff step
+        spill=scratch / "entities",
+    )
+    diff = diff_batch(parsed, view, SOURCE, "full")
+    del parsed  # as the step does before it writes the diff
+    stored = scratch / "diff.parquet"
+    frame_parquet(diff.stored_changes(scratch / "diff-parts"), stored)
+    return dataclasses.replace(diff, changes=pl.DataFrame(schema=CHANGES_SCHEMA)), stored
 
-    view = SnapshotView(snapshot)
+
+def _plan_step(diff: Any, stored: Path, scratch: Path, planned: Path) -> tuple[Any, float]:
+    """What the plan step computes from the diff's file: the plan, written to ``planned`` from
+    it, then checked (the scope check scans that file). Returns the plan's header and the
+    seconds its checks took."""
+    import dataclasses
+
+    import polars as pl
+
+    from publish_platform.config import Settings
+    from publish_platform.diff import read_changes
+    from publish_platform.plan import blocking_failures, build_plan, evaluate_checks
+    from publish_platform.state import frame_parquet
+
+    changes, entities = read_changes(stored)
+    plan = build_plan(
+        dataclasses.replace(diff, changes=changes, entities=entities), PARTITION_KEY, 1
+    )
+    del changes
+    frame_parquet(plan.stored_operations(scratch / "plan-parts"), planned)
+    checking = time.perf_counter()
+    threshold = Settings.model_fields["deletion_threshold"].default
+    checks = evaluate_checks(plan, pl.scan_parquet(planned), diff.snapshot, threshold, None)
+    checks_s = time.perf_counter() - checking
+    held = [check.description for check in blocking_failures(checks)]
+    assert not held, held
+    return plan.header, checks_s
+
+
+def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path, float, float]:
+    """The diff and plan steps of a batch, one after the other in this process: ``snapshot``
+    is a snapshot file, as the diff step reads it, or a frame. Returns the plan's header, its
+    file, the diff step's peak RSS, and the seconds the plan's checks took."""
+    import tempfile
+
+    from publish_platform.diff import SnapshotView
+
     with tempfile.TemporaryDirectory(prefix="bench-diff-plan-", dir=folder) as scratch:
-        parsed = parse_files(
-            [(f"{version}.jsonl", pieces(folder / f"{version}.jsonl"))],
-            DEFAULT_VOLATILE_ATTRIBUTES,
-            known_raw=recognisable(view),  # for the parse only, as in the diff step
-            spill=Path(scratch, "entities"),
-        )
-        diff = diff_batch(parsed, view, SOURCE, "full")
-        # The platform's plan is a step of its own: the parsed batch is gone by then.
-        del parsed
-        stored = Path(scratch, "diff.parquet")
-        frame_parquet(diff.stored_changes(Path(scratch, "diff-parts")), stored)
+        diff, stored = _diff_step(folder, version, SnapshotView(snapshot), Path(scratch))
         diff_step_peak_mb = _peak_rss_mb()  # the diff step's own peak: its process ends here
-        changes, entities = read_changes(stored)
-        # The diff's changes in memory are let go: the plan step has only the file's.
-        diff = dataclasses.replace(diff, changes=changes, entities=entities)
-        del changes
-        plan = build_plan(diff, PARTITION_KEY, 1)
         planned = folder / f"planned-{version}.parquet"
-        frame_parquet(plan.stored_operations(Path(scratch, "plan-parts")), planned)
-        return plan.header, planned, diff_step_peak_mb
+        header, checks_s = _plan_step(diff, stored, Path(scratch), planned)
+        return header, planned, diff_step_peak_mb, checks_s
 
 
 PREPARE_LINES = 500_000  # v1 becomes its snapshot this many lines at a time
@@ -319,25 +351,88 @@ def prepare_snapshot(folder: Path) -> dict[str, float]:
     }
 
 
-def measure_diff_plan(folder: Path, version: str = "v2", first: bool = False) -> dict[str, float]:
-    """Diff and plan of ``version`` against the snapshot file of v1, reading the snapshot
-    included (as the diff step does: its indexes, then the rows the batch touches). ``first``:
-    against no snapshot, as a source's first batch (every line parsed and planned)."""
+def measure_diff_plan(folder: Path) -> dict[str, float]:
+    """Diff and plan of v2 against the snapshot file of v1, reading the snapshot included (as
+    the diff step does: its indexes, then the rows the batch touches)."""
     import publish_platform.diff
     import publish_platform.entities
     import publish_platform.plan  # noqa: F401 - imported before the clock starts
-    from publish_platform.state import empty_snapshot
 
     started = time.perf_counter()
-    snapshot = empty_snapshot() if first else folder / "snapshot-v1.parquet"
-    header, planned, diff_step_peak_mb = _diff_plan(folder, version, snapshot)
+    header, planned, diff_step_peak_mb, checks_s = _diff_plan(
+        folder, "v2", folder / "snapshot-v1.parquet"
+    )
     planned.unlink()
     return {
-        "seconds": time.perf_counter() - started,
+        # Diff and plan; the plan's checks (asset checks, beyond what the baseline does) apart.
+        "seconds": time.perf_counter() - started - checks_s,
+        "checks_seconds": checks_s,
         "diff_step_peak_rss_mb": diff_step_peak_mb,
         "creates": header.creates,
         "updates": header.updates,
         "deletes": header.deletes,
+        "operations": header.operations,
+    }
+
+
+# A source's first batch, as the platform runs it: the diff step, then the plan step in a
+# process of its own, which gets the diff's file and its counts.
+FIRST_DIFF = "first-diff.parquet"
+FIRST_DIFF_COUNTS = "first-diff.json"
+
+
+def measure_first_diff(folder: Path) -> dict[str, float]:
+    """The diff step of v1 against no snapshot: every line parsed, its JSON spilled."""
+    import tempfile
+
+    import publish_platform.entities  # noqa: F401 - imported before the clock starts
+    from publish_platform.diff import SnapshotView
+    from publish_platform.state import empty_snapshot
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-first-diff-", dir=folder) as scratch:
+        diff, stored = _diff_step(folder, "v1", SnapshotView(empty_snapshot()), Path(scratch))
+        assert not diff.issues, diff.issues[:3]
+        stored.replace(folder / FIRST_DIFF)
+    counts = {
+        "lines": diff.lines,
+        "valid_entities": diff.valid_entities,
+        "unchanged": diff.unchanged,
+        "deletions_withheld": diff.deletions_withheld,
+    }
+    (folder / FIRST_DIFF_COUNTS).write_text(json.dumps(counts))
+    return {"seconds": time.perf_counter() - started}
+
+
+def measure_first_plan(folder: Path) -> dict[str, float]:
+    """The plan step of that first batch, from the diff's file, in a process of its own."""
+    import tempfile
+
+    import polars as pl
+
+    import publish_platform.plan  # noqa: F401 - imported before the clock starts
+    from publish_platform.diff import CHANGES_SCHEMA, DiffResult, SnapshotView
+    from publish_platform.state import empty_snapshot
+
+    started = time.perf_counter()
+    counts = json.loads((folder / FIRST_DIFF_COUNTS).read_text())
+    diff = DiffResult(
+        **counts,
+        source=SOURCE,
+        mode="full",
+        changes=pl.DataFrame(schema=CHANGES_SCHEMA),  # the plan step reads the file's
+        snapshot_entities=0,
+        snapshot=SnapshotView(empty_snapshot()),
+    )
+    planned = folder / "planned-v1.parquet"
+    with tempfile.TemporaryDirectory(prefix="bench-first-plan-", dir=folder) as scratch:
+        header, checks_s = _plan_step(diff, folder / FIRST_DIFF, Path(scratch), planned)
+    for done in (planned, folder / FIRST_DIFF, folder / FIRST_DIFF_COUNTS):
+        done.unlink()
+    return {
+        "seconds": time.perf_counter() - started - checks_s,
+        "checks_seconds": checks_s,
+        "creates": header.creates,
         "operations": header.operations,
     }
 
@@ -371,7 +466,7 @@ def measure_publish(folder: Path) -> dict[str, float]:
         peak_rss_mb = _peak_rss_mb()  # of the publish alone: the no-op batch's diff comes next
         published.unlink()
         before = sum(catalog.versions().values())
-        noop, planned, _ = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
+        noop, planned, _, _ = _diff_plan(folder, "v3", folder / "snapshot-v1.parquet")
         execute_plan(pl.scan_parquet(planned), catalog, chunk_size=SQL_CHUNK_SIZE, source=SOURCE)
         planned.unlink()
         writes = sum(catalog.versions().values()) - before
@@ -531,7 +626,8 @@ PHASES = {
     "naive": measure_naive,
     "diff_plan": measure_diff_plan,
     # Measured once, for its time and memory: not compared with a baseline.
-    "first_diff_plan": lambda folder: measure_diff_plan(folder, "v1", first=True),
+    "first_diff": measure_first_diff,
+    "first_plan": measure_first_plan,
     "publish": measure_publish,
     "sensor_tick": lambda arg: measure_sensor_tick(int(str(arg))),
     "latency": lambda arg: measure_latency(int(str(arg))),
@@ -576,7 +672,8 @@ def run_bench(
             for phase, measured in runs.items():
                 measured.append(_run_phase(phase, folder))
         floor, naive, platform = (_median_run(runs[phase]) for phase in runs)
-        first = _run_phase("first_diff_plan", folder)
+        first_diff = _run_phase("first_diff", folder)
+        first_plan = _run_phase("first_plan", folder)
         publish = _run_phase("publish", folder)
         v2_bytes = (folder / "v2.jsonl").stat().st_size
     return {
@@ -588,6 +685,7 @@ def run_bench(
         "parse_floor_s": round(floor["seconds"], 3),
         "naive_s": round(naive["seconds"], 3),
         "diff_plan_s": round(platform["seconds"], 3),
+        "plan_checks_s": round(platform["checks_seconds"], 3),
         "ratio_vs_parse_floor": round(platform["seconds"] / floor["seconds"], 3),
         "speedup_vs_naive": round(naive["seconds"] / platform["seconds"], 3),
         "peak_rss_mb": round(max(run["peak_rss_mb"] for run in runs["diff_plan"]), 1),
@@ -600,9 +698,10 @@ def run_bench(
         "plan": {k: platform[k] for k in ("creates", "updates", "deletes", "operations")},
         "naive_found": {k: naive[k] for k in ("creates", "updates", "deletes")},
         # A source's first batch (no snapshot yet): every line parsed, its JSON spilled.
-        "first_diff_plan_s": round(first["seconds"], 3),
-        "first_diff_plan_peak_rss_mb": round(first["peak_rss_mb"], 1),
-        "first_diff_step_peak_rss_mb": round(first["diff_step_peak_rss_mb"], 1),
+        "first_diff_plan_s": round(first_diff["seconds"] + first_plan["seconds"], 3),
+        "first_plan_checks_s": round(first_plan["checks_seconds"], 3),
+        "first_diff_step_peak_rss_mb": round(first_diff["peak_rss_mb"], 1),
+        "first_plan_step_peak_rss_mb": round(first_plan["peak_rss_mb"], 1),
         "publish_entities_per_s": round(publish["entities_per_s"], 1),
         "publish_s": round(publish["seconds"], 3),
         "publish_snapshot_s": round(publish["snapshot_s"], 3),

@@ -103,8 +103,9 @@ class Plan:
     header: PlanHeader
     operations: pl.DataFrame  # PLAN_SCHEMA and entity_row, in execution order
     isolated: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ISOLATED_SCHEMA))
-    edges_added: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EDGE_SCHEMA))
-    edges_removed: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EDGE_SCHEMA))
+    # Lazy: a first batch's million new edges are counted and checked in a stream, not held.
+    edges_added: pl.LazyFrame = field(default_factory=lambda: pl.LazyFrame(schema=EDGE_SCHEMA))
+    edges_removed: pl.LazyFrame = field(default_factory=lambda: pl.LazyFrame(schema=EDGE_SCHEMA))
     # Where the JSON of operations with an ``entity_row`` is (the diff's ``entities``).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
 
@@ -140,7 +141,7 @@ def build_plan(
     upserts, isolated_required = _isolate_missing_required(upserts)
     references = _references(upserts)
     # Streamed: the few targets of a million references, without a table of them all (88 MB).
-    targets = references.lazy().select(IDENTITY).unique().collect(engine="streaming")
+    targets = references.select(IDENTITY).unique().collect(engine="streaming")
     known = _known_identities(targets, changes, snapshot, deletes, isolated_required)
     # What the metastore may still have but will not after this plan: never a valid target.
     doomed = pl.concat(
@@ -161,7 +162,7 @@ def build_plan(
     if not ordered.select(plan_order().is_sorted()).item():  # (a diff lists them in order)
         ordered = ordered.sort(plan_order(), maintain_order=True)
     operations = ordered.with_row_index("seq").select(pl.col("seq").cast(pl.Int64), *CHANGES_SCHEMA)
-    added, removed, repointed = _relationship_changes(operations, references, snapshot)
+    added, removed, counts = _relationship_changes(operations, references, snapshot)
 
     op = pl.col("op")
     # Counted, not filtered: a filter copies the rows it counts.
@@ -183,9 +184,9 @@ def build_plan(
         snapshot_entities=diff.snapshot_entities,
         isolated=diff.isolated + isolated.height,
         isolated_by_plan=isolated.height,
-        relationships_added=added.height,
-        relationships_removed=removed.height,
-        relationships_repointed=repointed,
+        relationships_added=counts[0],
+        relationships_removed=counts[1],
+        relationships_repointed=counts[2],
         deletions_withheld=diff.deletions_withheld,
         forced=forced,
     )
@@ -271,14 +272,17 @@ def _named_by(changes: pl.DataFrame, rows: pl.Expr, identities: pl.DataFrame) ->
     )
 
 
-def _references(frame: pl.DataFrame) -> pl.DataFrame:
-    """One row per reference edge of the given entities (EDGE_SCHEMA)."""
+def _references(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """One row per reference edge of the given entities (EDGE_SCHEMA), to stream or collect:
+    a first batch's table of edges (590 MB at 5M entities) is never needed whole."""
     return (
+        # (Selected first: the lazy frame holds these columns of a frame, not all of it.)
         frame.select(
             pl.col("type_name").alias("from_type"),
             pl.col("qualified_name").alias("from_qualified_name"),
             "references",
         )
+        .lazy()
         .explode("references")
         .drop_nulls("references")
         .unnest("references")
@@ -288,13 +292,13 @@ def _references(frame: pl.DataFrame) -> pl.DataFrame:
 
 def _isolate_dangling(
     upserts: pl.DataFrame,
-    refs: pl.DataFrame,
+    references: pl.LazyFrame,
     targets: pl.DataFrame,
     known: pl.DataFrame,
     exists: ExistsLookup | None,
     doomed: pl.DataFrame,
-) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """Isolate entities whose references (``refs``, to the identities ``targets``) resolve
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.LazyFrame]:
+    """Isolate entities whose ``references`` (to the identities ``targets``) resolve
     nowhere, until nothing new dangles. Returns the upserts and the references left, and the
     isolated entities.
 
@@ -311,7 +315,8 @@ def _isolate_dangling(
             )
     if not targets.join(known, on=IDENTITY, how="anti").height:
         # The usual case: nothing dangles, nothing to take out (a join would copy it all).
-        return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA), refs
+        return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA), references
+    refs = references.collect()
     dangling = refs.join(known, on=IDENTITY, how="anti")
     creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
     isolated_parts = []
@@ -344,21 +349,28 @@ def _isolate_dangling(
         known = known.join(gone.join(creates, on=IDENTITY, how="semi"), on=IDENTITY, how="anti")
         dangling = refs.join(known, on=IDENTITY, how="anti")
     isolated = pl.concat(isolated_parts, how="vertical")
-    return upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti"), isolated, refs
+    kept = upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti")
+    return kept, isolated, refs.lazy()
 
 
 def _relationship_changes(
-    operations: pl.DataFrame, new: pl.DataFrame, snapshot: SnapshotView
-) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    operations: pl.DataFrame, new: pl.LazyFrame, snapshot: SnapshotView
+) -> tuple[pl.LazyFrame, pl.LazyFrame, tuple[int, int, int]]:
     """Edges added and removed by the plan (``new``: the references of its upserts), and how
-    many (from, attribute) pairs re-point."""
-    old = _references(snapshot.rows_of(operations.select(IDENTITY)))
-    if not old.height:  # a source's first batch: every edge is new (an anti-join copies them)
-        return new, old, 0
-    added = new.join(old, on=list(EDGE_SCHEMA), how="anti")
-    removed = old.join(new, on=list(EDGE_SCHEMA), how="anti")
+    many are added, removed, and how many (from, attribute) pairs re-point."""
+    old = _references(snapshot.rows_of(operations.select(IDENTITY))).collect()
+    if not old.height:  # a source's first batch: every edge is new, counted in a stream
+        return new, old.lazy(), (_count(new), 0, 0)
+    # The edges of the entities the plan changes: as many as it has upserts, no more.
+    edges = new.collect()
+    added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")
+    removed = old.join(edges, on=list(EDGE_SCHEMA), how="anti")
     repointed = added.select(EDGE).unique().join(removed.select(EDGE).unique(), on=EDGE).height
-    return added, removed, repointed
+    return added.lazy(), removed.lazy(), (added.height, removed.height, repointed)
+
+
+def _count(frame: pl.LazyFrame) -> int:
+    return frame.select(pl.len()).collect(engine="streaming").item()
 
 
 def preview(plan: Plan, limit: int = 20) -> str:
@@ -492,11 +504,14 @@ def check_deletion_safety(
 
 def check_references(plan: Plan, snapshot: pl.DataFrame | SnapshotView) -> CheckOutcome:
     """No planned entity references what will not exist; reports what the plan isolated."""
-    upserts = plan.operations.filter(pl.col("op") != "delete")
+    # Streamed: a filter, or the table of every edge, would copy a first batch's creates.
+    upserts = plan.operations.lazy().filter(pl.col("op") != "delete")
     refs = _references(upserts)
-    targets = refs.select(IDENTITY).unique()
+    references = _count(refs)
+    targets = refs.select(IDENTITY).unique().collect(engine="streaming")
+    in_plan = upserts.select(IDENTITY).join(targets.lazy(), on=IDENTITY, how="semi")
     known = pl.concat(
-        [upserts.select(IDENTITY), as_view(snapshot).exists(targets)], how="vertical"
+        [in_plan.collect(engine="streaming"), as_view(snapshot).exists(targets)], how="vertical"
     ).unique()
     # Targets outside batch and snapshot were found in the metastore when the plan was built.
     isolated = plan.isolated.filter(pl.col("reason") == "dangling_reference")
@@ -506,12 +521,12 @@ def check_references(plan: Plan, snapshot: pl.DataFrame | SnapshotView) -> Check
         passed=isolated.height == 0,
         blocking=False,
         description=(
-            f"all {refs.height} references resolve"
+            f"all {references} references resolve"
             if isolated.height == 0
             else f"{isolated.height} entities isolated for dangling references"
         ),
         metadata={
-            "references": refs.height,
+            "references": references,
             "isolated_dangling": isolated.height,
             "resolved_in_metastore": unresolved.height,
             "examples": _examples(isolated),

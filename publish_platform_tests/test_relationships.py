@@ -34,8 +34,8 @@ def q(path: str) -> str:
     return f"{SOURCE}/{path}"
 
 
-def edge_rows(frame: pl.DataFrame) -> set[tuple[str, ...]]:
-    return set(frame.select(list(EDGE_SCHEMA)).rows())
+def edge_rows(frame: pl.LazyFrame) -> set[tuple[str, ...]]:
+    return set(frame.select(list(EDGE_SCHEMA)).collect().rows())
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -191,7 +191,7 @@ def test_a_snapshot_file_diffs_and_plans_like_the_frame_whatever_it_was_written_
         diff = diff_batch(parsed, view, SOURCE, "full")
         plan = build_plan(diff, "app/wf/run-2", 1)
         operations = plan.operations.drop("entity", "raw_hash").rows()
-        return summary(diff), operations, plan.edges_removed.rows()
+        return summary(diff), operations, plan.edges_removed.collect().rows()
 
     expected = outcome(snapshot)
     assert expected[0]["ops"] and expected[2]  # something to compare: changes, removed edges
