@@ -506,9 +506,10 @@ def check_references(plan: Plan, snapshot: pl.DataFrame | SnapshotView) -> Check
     """No planned entity references what will not exist; reports what the plan isolated."""
     # Streamed: a filter, or the table of every edge, would copy a first batch's creates.
     upserts = plan.operations.lazy().filter(pl.col("op") != "delete")
-    refs = _references(upserts)
-    references = _count(refs)
-    targets = refs.select(IDENTITY).unique().collect(engine="streaming")
+    # One stream over the edges: each target with how many reference it.
+    per_target = _references(upserts).group_by(IDENTITY).len().collect(engine="streaming")
+    references = int(per_target.get_column("len").sum())
+    targets = per_target.select(IDENTITY)
     in_plan = upserts.select(IDENTITY).join(targets.lazy(), on=IDENTITY, how="semi")
     known = pl.concat(
         [in_plan.collect(engine="streaming"), as_view(snapshot).exists(targets)], how="vertical"
