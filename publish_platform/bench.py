@@ -236,14 +236,11 @@ def _pieces(path: Path, size: int = 8 << 20) -> Iterator[bytes]:
 def _diff_step(folder: Path, version: str, view: Any, scratch: Path) -> tuple[Any, Path]:
     """What the diff step computes for a batch (imports are done by the caller): as in the
     step, the entity JSON is spilled while the batch is parsed and diffed, then streamed into
-    the diff's file (local here, where the step uploads it). Returns the diff, without its
-    changes (the plan step reads them from the file), and the file."""
-    import dataclasses
-
-    import polars as pl
-
-    from publish_platform.diff import CHANGES_SCHEMA, diff_batch, recognisable
+    the diff's file (local here, where the step uploads it). Returns the diff's summary, as the
+    step stores it for the plan step, and the file."""
+    from publish_platform.diff import diff_batch, recognisable
     from publish_platform.entities import parse_files
+    from publish_platform.pipeline import DiffSummary, summarize_diff
     from publish_platform.state import frame_parquet
 
     parsed = parse_files(
@@ -254,37 +251,28 @@ def _diff_step(folder: Path, version: str, view: Any, scratch: Path) -> tuple[An
     )
     diff = diff_batch(parsed, view, SOURCE, "full")
     del parsed  # as the step does before it writes the diff
+    summary = DiffSummary(partition_key=PARTITION_KEY, outcome="diffed", source=SOURCE)
+    summarize_diff(summary, diff, base_serial=1)
+    assert not diff.issues, diff.issues[:3]
     stored = scratch / "diff.parquet"
     frame_parquet(diff.stored_changes(scratch / "diff-parts"), stored)
-    return dataclasses.replace(diff, changes=pl.DataFrame(schema=CHANGES_SCHEMA)), stored
+    return summary, stored
 
 
-def _plan_step(diff: Any, stored: Path, scratch: Path, planned: Path) -> tuple[Any, float]:
-    """What the plan step computes from the diff's file: the plan, written to ``planned`` from
-    it, then checked (the scope check scans that file). Returns the plan's header and the
-    seconds its checks took."""
-    import dataclasses
-
-    import polars as pl
-
+def _plan_step(summary: Any, stored: Path, view: Any, scratch: Path) -> Any:
+    """The plan step's work on the diff's file (the pipeline's own, after its download),
+    against the snapshot ``view``, with the default deletion threshold and no approval; a
+    plan that its checks would hold fails the benchmark. Returns what it planned: the plan,
+    its file in ``scratch``, and the seconds its checks took."""
     from publish_platform.config import Settings
-    from publish_platform.diff import read_changes
-    from publish_platform.plan import blocking_failures, build_plan, evaluate_checks
-    from publish_platform.state import frame_parquet
+    from publish_platform.pipeline import plan_diff
+    from publish_platform.plan import blocking_failures
 
-    changes, entities = read_changes(stored)
-    plan = build_plan(
-        dataclasses.replace(diff, changes=changes, entities=entities), PARTITION_KEY, 1
-    )
-    del changes
-    frame_parquet(plan.stored_operations(scratch / "plan-parts"), planned)
-    checking = time.perf_counter()
     threshold = Settings.model_fields["deletion_threshold"].default
-    checks = evaluate_checks(plan, pl.scan_parquet(planned), diff.snapshot, threshold, None)
-    checks_s = time.perf_counter() - checking
-    held = [check.description for check in blocking_failures(checks)]
+    planned = plan_diff(summary, stored, view, threshold, None, None, scratch)
+    held = [check.description for check in blocking_failures(planned.checks)]
     assert not held, held
-    return plan.header, checks_s
+    return planned
 
 
 def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path, float, float]:
@@ -296,11 +284,12 @@ def _diff_plan(folder: Path, version: str, snapshot: Any) -> tuple[Any, Path, fl
     from publish_platform.diff import SnapshotView
 
     with tempfile.TemporaryDirectory(prefix="bench-diff-plan-", dir=folder) as scratch:
-        diff, stored = _diff_step(folder, version, SnapshotView(snapshot), Path(scratch))
+        view = SnapshotView(snapshot)
+        summary, stored = _diff_step(folder, version, view, Path(scratch))
         diff_step_peak_mb = _peak_rss_mb()  # the diff step's own peak: its process ends here
-        planned = folder / f"planned-{version}.parquet"
-        header, checks_s = _plan_step(diff, stored, Path(scratch), planned)
-        return header, planned, diff_step_peak_mb, checks_s
+        planned = _plan_step(summary, stored, view, Path(scratch))
+        kept = planned.operations.replace(folder / f"planned-{version}.parquet")
+        return planned.plan.header, kept, diff_step_peak_mb, planned.checks_s
 
 
 PREPARE_LINES = 500_000  # v1 becomes its snapshot this many lines at a time
@@ -376,9 +365,9 @@ def measure_diff_plan(folder: Path) -> dict[str, float]:
 
 
 # A source's first batch, as the platform runs it: the diff step, then the plan step in a
-# process of its own, which gets the diff's file and its counts.
+# process of its own, which gets the diff's file and its summary.
 FIRST_DIFF = "first-diff.parquet"
-FIRST_DIFF_COUNTS = "first-diff.json"
+FIRST_DIFF_SUMMARY = "first-diff.json"
 
 
 def measure_first_diff(folder: Path) -> dict[str, float]:
@@ -391,16 +380,9 @@ def measure_first_diff(folder: Path) -> dict[str, float]:
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-first-diff-", dir=folder) as scratch:
-        diff, stored = _diff_step(folder, "v1", SnapshotView(empty_snapshot()), Path(scratch))
-        assert not diff.issues, diff.issues[:3]
+        summary, stored = _diff_step(folder, "v1", SnapshotView(empty_snapshot()), Path(scratch))
         stored.replace(folder / FIRST_DIFF)
-    counts = {
-        "lines": diff.lines,
-        "valid_entities": diff.valid_entities,
-        "unchanged": diff.unchanged,
-        "deletions_withheld": diff.deletions_withheld,
-    }
-    (folder / FIRST_DIFF_COUNTS).write_text(json.dumps(counts))
+    (folder / FIRST_DIFF_SUMMARY).write_text(summary.model_dump_json())
     return {"seconds": time.perf_counter() - started}
 
 
@@ -408,30 +390,22 @@ def measure_first_plan(folder: Path) -> dict[str, float]:
     """The plan step of that first batch, from the diff's file, in a process of its own."""
     import tempfile
 
-    import polars as pl
-
     import publish_platform.plan  # noqa: F401 - imported before the clock starts
-    from publish_platform.diff import CHANGES_SCHEMA, DiffResult, SnapshotView
+    from publish_platform.diff import SnapshotView
+    from publish_platform.pipeline import DiffSummary
     from publish_platform.state import empty_snapshot
 
     started = time.perf_counter()
-    counts = json.loads((folder / FIRST_DIFF_COUNTS).read_text())
-    diff = DiffResult(
-        **counts,
-        source=SOURCE,
-        mode="full",
-        changes=pl.DataFrame(schema=CHANGES_SCHEMA),  # the plan step reads the file's
-        snapshot_entities=0,
-        snapshot=SnapshotView(empty_snapshot()),
-    )
-    planned = folder / "planned-v1.parquet"
+    summary = DiffSummary.model_validate_json((folder / FIRST_DIFF_SUMMARY).read_text())
     with tempfile.TemporaryDirectory(prefix="bench-first-plan-", dir=folder) as scratch:
-        header, checks_s = _plan_step(diff, folder / FIRST_DIFF, Path(scratch), planned)
-    for done in (planned, folder / FIRST_DIFF, folder / FIRST_DIFF_COUNTS):
+        view = SnapshotView(empty_snapshot())
+        planned = _plan_step(summary, folder / FIRST_DIFF, view, Path(scratch))
+    for done in (folder / FIRST_DIFF, folder / FIRST_DIFF_SUMMARY):
         done.unlink()
+    header = planned.plan.header
     return {
-        "seconds": time.perf_counter() - started - checks_s,
-        "checks_seconds": checks_s,
+        "seconds": time.perf_counter() - started - planned.checks_s,
+        "checks_seconds": planned.checks_s,
         "creates": header.creates,
         "operations": header.operations,
     }

@@ -8,6 +8,7 @@ The Dagster assets in ``publish_platform.defs`` are thin wrappers around these f
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from publish_platform.plan import (
     ISOLATED_SCHEMA,
     Approval,
     CheckOutcome,
+    ExistsLookup,
     Plan,
     PlanHeader,
     blocking_checks,
@@ -221,6 +223,13 @@ def record_diff(
     state: StateStore, summary: DiffSummary, diff: DiffResult, base_serial: int
 ) -> None:
     """Fill the summary from a computed diff and store both (diff.json, diff.parquet, issues)."""
+    summarize_diff(summary, diff, base_serial)
+    with ScratchFolder("diff-write") as scratch:
+        _write_diff(state, summary, diff.stored_changes(scratch), diff.issues)
+
+
+def summarize_diff(summary: DiffSummary, diff: DiffResult, base_serial: int) -> None:
+    """What the plan step needs of a diff besides its changes: counts, mode, base serial."""
     summary.base_serial = base_serial
     summary.lines = diff.lines
     summary.valid_entities = diff.valid_entities
@@ -232,8 +241,6 @@ def record_diff(
     summary.issue_counts = diff.issue_counts()
     summary.issues_preview = [i.as_dict() for i in diff.issues[:ISSUE_PREVIEW]]
     summary.deletions_withheld = diff.deletions_withheld
-    with ScratchFolder("diff-write") as scratch:
-        _write_diff(state, summary, diff.stored_changes(scratch), diff.issues)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -312,8 +319,8 @@ def _run_plan(
     scratch: Path,
 ) -> tuple[DiffSummary, Plan, list[CheckOutcome]]:
     summary = read_diff_summary(state, partition_key)
-    changes, entities = read_changes(
-        state.download(state.batch_key(partition_key, "diff.parquet"), scratch / "diff.parquet")
+    diff_file = state.download(
+        state.batch_key(partition_key, "diff.parquet"), scratch / "diff.parquet"
     )
     source = summary.source or ""
     # A batch that was not diffed (quarantined, skipped, superseded) gets an empty plan, checked
@@ -323,8 +330,48 @@ def _run_plan(
         if summary.outcome == "diffed"
         else SnapshotView(empty_snapshot())
     )
+    planned = plan_diff(
+        summary,
+        diff_file,
+        snapshot,
+        settings.deletion_threshold_for(source),
+        approval,
+        metastore.existing if metastore is not None else None,
+        scratch,
+    )
+    plan = planned.plan
+    write_plan(state, plan, planned.operations)
+    # Its JSON is in files that go with the scratch folder: read_plan has it.
+    plan.operations, plan.entities = plan.operations.drop("entity"), None
+    return summary, plan, planned.checks
+
+
+@dataclass
+class PlannedBatch:
+    """A plan as the plan step computed it, before it is stored."""
+
+    plan: Plan
+    operations: Path  # the plan's file: its operations with their JSON
+    checks: list[CheckOutcome]
+    checks_s: float  # of the step's time, what the checks took
+
+
+def plan_diff(
+    summary: DiffSummary,
+    diff_file: Path,
+    snapshot: SnapshotView,
+    threshold: float,
+    approval: Approval | None,
+    exists: ExistsLookup | None,
+    scratch: Path,
+) -> PlannedBatch:
+    """The plan step's work on a local diff file (the step downloads it; the benchmark has it):
+    the changes ordered into a plan, its operations streamed with their JSON into a file in
+    ``scratch``, and that file checked. ``exists`` finds references outside batch and snapshot
+    in the metastore."""
+    changes, entities = read_changes(diff_file)
     diff = DiffResult(
-        source=source,
+        source=summary.source or "",
         mode=summary.mode,
         changes=changes.filter(pl.col("op") != "unchanged"),  # listed by earlier versions
         lines=summary.lines,
@@ -334,33 +381,31 @@ def _run_plan(
         unchanged=summary.unchanged,
         entities=entities,
     )
-    diff_isolated = summary.isolated
+    del changes
     plan = build_plan(
         diff,
-        partition_key,
+        summary.partition_key,
         base_serial=summary.base_serial,
         source_timestamp=summary.source_timestamp,
         forced=summary.forced,
         snapshot=snapshot,
-        exists=metastore.existing if metastore is not None else None,
+        exists=exists,
     )
-    plan.header.isolated += diff_isolated
-    threshold = settings.deletion_threshold_for(source)
+    del diff
+    plan.header.isolated += summary.isolated
     plan.header.deletion_threshold = threshold
     if approval is not None and approval.deletes is None:
         approval = approval.model_copy(update={"deletes": plan.header.deletes})
-    # The operations with their JSON, streamed to a file: checked (scope), then uploaded.
     operations = scratch / "plan.parquet"
     frame_parquet(plan.stored_operations(scratch / "plan-parts"), operations)
+    checking = time.perf_counter()
     checks = evaluate_checks(plan, pl.scan_parquet(operations), snapshot, threshold, approval)
+    checks_s = time.perf_counter() - checking
     if approval is not None and any(
         c.name == "deletion_safety" and "approved_by" in c.metadata for c in checks
     ):
         plan.header.approval = approval
-    write_plan(state, plan, operations)
-    # Its JSON is in files that go with the scratch folder: read_plan has it.
-    plan.operations, plan.entities = plan.operations.drop("entity"), None
-    return summary, plan, checks
+    return PlannedBatch(plan, operations, checks, checks_s)
 
 
 def write_plan(state: StateStore, plan: Plan, operations: Path) -> None:
