@@ -19,6 +19,7 @@ import orjson
 from pydantic import BaseModel
 
 from publish_platform.config import Settings, load_settings
+from publish_platform.interrupts import handle_interrupts
 
 REQUEUE_PRIORITY_BOOST = 100_000  # a requeued batch goes ahead of everything queued
 
@@ -623,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    handle_interrupts()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -25,7 +25,13 @@ os.environ.setdefault("PUBLISH_PLATFORM_RETRY_DELAY_SCALE", "0.01")
 
 from publish_platform import local_s3
 from publish_platform.config import Settings
+from publish_platform.interrupts import handle_interrupts
 from publish_platform_tests.postgres import LocalPostgres, started_postgres
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests stop what they start with SIGTERM, also when the suite runs in the background."""
+    handle_interrupts()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
