@@ -140,16 +140,23 @@ def build_plan(
 
     upserts, isolated_required = _isolate_missing_required(upserts)
     references = _references(upserts)
-    # Streamed: the few targets of a million references, without a table of them all (88 MB).
-    targets = references.select(IDENTITY).unique().collect(engine="streaming")
+    # Streamed: the few targets of a million references, and how many edges point at each,
+    # without a table of them all (88 MB).
+    per_target = (
+        references.group_by(IDENTITY).agg(pl.len().alias("edges")).collect(engine="streaming")
+    )
+    targets = per_target.select(IDENTITY)
     known = _known_identities(targets, changes, snapshot, deletes, isolated_required)
     # What the metastore may still have but will not after this plan: never a valid target.
     doomed = pl.concat(
         [deletes.select(IDENTITY), isolated_required.select(IDENTITY)], how="vertical"
     )
-    upserts, isolated_dangling, references = _isolate_dangling(
+    upserts, isolated_dangling, kept = _isolate_dangling(
         upserts, references, targets, known, exists, doomed
     )
+    # Unless an entity was isolated, its references are the edges just counted.
+    edges = int(per_target.get_column("edges").sum()) if kept is references else None
+    references = kept
     isolated = pl.concat([isolated_required, isolated_dangling], how="vertical")
 
     ordered = upserts
@@ -162,7 +169,7 @@ def build_plan(
     if not ordered.select(plan_order().is_sorted()).item():  # (a diff lists them in order)
         ordered = ordered.sort(plan_order(), maintain_order=True)
     operations = ordered.with_row_index("seq").select(pl.col("seq").cast(pl.Int64), *CHANGES_SCHEMA)
-    added, removed, counts = _relationship_changes(operations, references, snapshot)
+    added, removed, counts = _relationship_changes(operations, references, snapshot, edges)
 
     op = pl.col("op")
     # Counted, not filtered: a filter copies the rows it counts.
@@ -354,13 +361,14 @@ def _isolate_dangling(
 
 
 def _relationship_changes(
-    operations: pl.DataFrame, new: pl.LazyFrame, snapshot: SnapshotView
+    operations: pl.DataFrame, new: pl.LazyFrame, snapshot: SnapshotView, edges: int | None
 ) -> tuple[pl.LazyFrame, pl.LazyFrame, tuple[int, int, int]]:
-    """Edges added and removed by the plan (``new``: the references of its upserts), and how
-    many are added, removed, and how many (from, attribute) pairs re-point."""
+    """Edges added and removed by the plan (``new``: the references of its upserts, ``edges``
+    of them if known), and how many are added, removed, and how many (from, attribute) pairs
+    re-point."""
     old = _references(snapshot.rows_of(operations.select(IDENTITY))).collect()
     if not old.height:  # a source's first batch: every edge is new, counted in a stream
-        return new, old.lazy(), (_count(new), 0, 0)
+        return new, old.lazy(), (edges if edges is not None else _count(new), 0, 0)
     # The edges of the entities the plan changes: as many as it has upserts, no more.
     edges = new.collect()
     added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")

@@ -164,6 +164,10 @@ def test_dangling_references_are_isolated_and_the_rest_publishes(s3, state, sett
     )
     assert plan.header.isolated_by_plan == 4 and plan.header.isolated == 4
     assert plan.header.creates == 4
+    # A first batch: every edge of what is left is added, none of the isolated entities'.
+    kept = [e for e in batch if identity(e) not in ISOLATED]
+    assert plan.header.relationships_added == len(edges(kept)) == 4
+    assert blind.header.relationships_added == 0
 
     by_name = {c.name: c for c in checks}
     references = by_name["references"]
