@@ -370,10 +370,13 @@ def plan_diff(
     ``scratch``, and that file checked. ``exists`` finds references outside batch and snapshot
     in the metastore."""
     changes, entities = read_changes(diff_file)
+    if changes.select((pl.col("op") == "unchanged").any()).item():
+        # Listed by earlier versions; a filter of the rest would copy a first batch whole.
+        changes = changes.filter(pl.col("op") != "unchanged")
     diff = DiffResult(
         source=summary.source or "",
         mode=summary.mode,
-        changes=changes.filter(pl.col("op") != "unchanged"),  # listed by earlier versions
+        changes=changes,
         lines=summary.lines,
         valid_entities=summary.valid_entities,
         snapshot_entities=snapshot.entities,
@@ -381,7 +384,6 @@ def plan_diff(
         unchanged=summary.unchanged,
         entities=entities,
     )
-    del changes
     plan = build_plan(
         diff,
         summary.partition_key,
