@@ -403,6 +403,8 @@ def measure_first_plan(folder: Path) -> dict[str, float]:
     for done in (folder / FIRST_DIFF, folder / FIRST_DIFF_SUMMARY):
         done.unlink()
     header = planned.plan.header
+    # v1's lines are valid and distinct: its first plan creates each, or something was lost.
+    assert header.creates == header.operations == summary.lines, (header, summary.lines)
     return {
         "seconds": time.perf_counter() - started - planned.checks_s,
         "checks_seconds": planned.checks_s,
