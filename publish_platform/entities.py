@@ -608,6 +608,8 @@ HELD_JSON_BYTES = 64 * 1024 * 1024
 
 # Rows of JSON read, and of a frame filled, at a time by with_entities.
 FILL_ROWS = 20_000
+# Chunks of up to this many rows are sliced by with_entities, larger ones gathered.
+SLICED_CHUNK_ROWS = 4 * FILL_ROWS
 
 
 def with_entities(
@@ -643,11 +645,19 @@ def with_entities(
         .to_list()
     )
     scratch.mkdir(parents=True, exist_ok=True)
+    # A slice keeps the string buffers of the chunks it falls in, and writing it goes through
+    # them all: sliced, a frame of one large chunk (a parse's) took quadratic time to write, so
+    # such a frame is gathered (copied) a part at a time. A frame of small chunks (read from a
+    # stored diff: a chunk per row group) is sliced: at 5M rows, gathering its 251 chunks took
+    # four times as long.
+    sliced = _sliceable(frame)
     parts = []
     for number, (start, stop) in enumerate(zip(starts, [*starts[1:], frame.height], strict=True)):
-        # Gathered, not sliced: a slice keeps the whole frame's string buffers, and writing it
-        # went through them all (writing a large plan took quadratic time).
-        chunk = frame.gather(pl.int_range(start, stop, eager=True))
+        chunk = (
+            frame.slice(start, stop - start)
+            if sliced
+            else frame.gather(pl.int_range(start, stop, eager=True))
+        )
         wanted = chunk.get_column("entity_row")
         if not wanted.null_count():
             first = int(wanted[0])
@@ -656,6 +666,17 @@ def with_entities(
         parts.append(scratch / f"{number:08d}.parquet")
         chunk.write_parquet(parts[-1], compression="lz4")
     return pl.scan_parquet(parts)
+
+
+def _sliceable(frame: pl.DataFrame) -> bool:
+    """Whether every column that holds data of variable size (strings, lists) is in chunks of
+    at most SLICED_CHUNK_ROWS rows. (Numbers and columns of nulls slice at no cost.)"""
+    return not any(
+        (column.dtype in (pl.String, pl.Binary) or column.dtype.is_nested())
+        and column.null_count() < column.len()
+        and max(column.chunk_lengths(), default=0) > SLICED_CHUNK_ROWS
+        for column in frame.get_columns()
+    )
 
 
 def _return_freed_memory() -> None:

@@ -86,8 +86,11 @@ def test_a_later_batch_spilled_plans_as_one_held_in_memory(tmp_path, small_block
     assert spilled.stored_operations(tmp_path / "parts").collect().equals(expected)
 
 
-def test_with_entities_reads_each_run_of_rows_in_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sliced_chunk_rows", [0, 100], ids=["gathered", "sliced"])
+def test_with_entities_reads_each_run_of_rows_in_order(tmp_path, monkeypatch, sliced_chunk_rows):
     monkeypatch.setattr(entities_module, "FILL_ROWS", 4)  # windows of 4 rows: 0-3, 4-7, 8-9
+    # The frame's chunk (14 rows) is taken a part at a time by a gather, or by slices.
+    monkeypatch.setattr(entities_module, "SLICED_CHUNK_ROWS", sliced_chunk_rows)
     spill = pl.DataFrame({"entity": [f"e{i}" for i in range(10)]})
     spill.head(4).write_parquet(tmp_path / "a.parquet")
     spill.tail(6).write_parquet(tmp_path / "b.parquet")
