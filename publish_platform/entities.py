@@ -490,7 +490,8 @@ def parse_files(
     ``known_raw`` (``diff.recognisable``: the snapshot's raw hashes and rows) are unchanged: they
     are listed in ``unchanged`` with their snapshot row, and not parsed. ``spill``: a folder the
     entity JSON is written to, a block at a time (``ParsedEntities.entities``), once the frame
-    holds HELD_JSON_BYTES of it.
+    holds HELD_JSON_BYTES of it; from then on each block's parsed rows are written there too
+    (``rows/``), and read back into the frame at the end (``_one_chunk``).
     """
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
@@ -610,8 +611,9 @@ def _one_chunk(parts: list[pl.DataFrame | Path]) -> pl.DataFrame:
     Built a column at a time, each column's pieces let go as it is done: the whole frame is
     never held twice (600 MB more at 5M). A spilled part's column is read alone. Parts held
     through a batch's parse pinned about 2.5 times their size (allocator pages shared with what
-    the parse freed): spilled, a 3M parse peaked at 1,295 MB instead of 1,809 MB, a 5M first
-    batch's diff step at 2,085 MB instead of 2,571 MB, for 2% more time.
+    the parse freed): spilled, a parse of the bench's three 1M files as one batch peaked at
+    1,295 MB instead of 1,809 MB, and the bench's 5M first diff step at 2,085 MB instead of
+    2,571 MB, for 2% more time.
     """
     columns: dict[str, pl.Series] = {}
     for name, dtype in ENTITY_SCHEMA.items():

@@ -361,14 +361,14 @@ def _isolate_dangling(
 
 
 def _relationship_changes(
-    operations: pl.DataFrame, new: pl.LazyFrame, snapshot: SnapshotView, edges: int | None
+    operations: pl.DataFrame, new: pl.LazyFrame, snapshot: SnapshotView, new_count: int | None
 ) -> tuple[pl.LazyFrame, pl.LazyFrame, tuple[int, int, int]]:
-    """Edges added and removed by the plan (``new``: the references of its upserts, ``edges``
+    """Edges added and removed by the plan (``new``: the references of its upserts, ``new_count``
     of them if known), and how many are added, removed, and how many (from, attribute) pairs
     re-point."""
     old = _references(snapshot.rows_of(operations.select(IDENTITY))).collect()
     if not old.height:  # a source's first batch: every edge is new, counted in a stream
-        return new, old.lazy(), (edges if edges is not None else _count(new), 0, 0)
+        return new, old.lazy(), (new_count if new_count is not None else _count(new), 0, 0)
     # The edges of the entities the plan changes: as many as it has upserts, no more.
     edges = new.collect()
     added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")
