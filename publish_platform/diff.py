@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from publish_platform.entities import (
+    SPILLED,
     TYPE_RANK,
     EntityIssue,
     HashIndex,
@@ -47,8 +48,8 @@ def plan_order() -> pl.Expr:
 # What a stored diff holds per entity: the snapshot's columns, the operation, and the required
 # attributes the entity lacks ("" when none; null for a delete, or when not known).
 DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA, "missing": pl.String}
-# In memory, the JSON of a row with an ``entity_row`` is not in the frame but in the diff's
-# ``entities`` (``entities.with_entities`` puts it back).
+# In memory, the JSON and references of a row with an ``entity_row`` are not in the frame but in
+# the diff's ``entities`` (``entities.with_entities`` puts them back).
 CHANGES_SCHEMA = {**DIFF_SCHEMA, "entity_row": pl.UInt32}
 
 IDENTITY = ["type_name", "qualified_name"]
@@ -68,12 +69,13 @@ class DiffResult:
     unchanged: int = 0  # entities of the batch equal to their snapshot row (not listed)
     # The snapshot compared against: where the plan finds the unchanged entities.
     snapshot: SnapshotView | None = field(default=None, repr=False)
-    # Where the JSON of the changes with an ``entity_row`` is (the parse's spill, a stored diff).
+    # Where the JSON and references of the changes with an ``entity_row`` are (SPILLED: the
+    # parse's spill, a stored diff).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
 
     def stored_changes(self, scratch: Path) -> pl.LazyFrame:
-        """The changes with all their JSON (DIFF_SCHEMA), as stored: filled a chunk at a time
-        into files in ``scratch`` (``entities.with_entities``), and scanned."""
+        """The changes with all their JSON and references (DIFF_SCHEMA), as stored: filled a
+        chunk at a time into files in ``scratch`` (``entities.with_entities``), and scanned."""
         return with_entities(self.changes, self.entities, scratch).select(list(DIFF_SCHEMA))
 
     def count(self, op: str) -> int:
@@ -408,24 +410,28 @@ def diff_batch(
 
 
 def read_changes(path: Path) -> tuple[pl.DataFrame, pl.LazyFrame]:
-    """A stored diff's changes (CHANGES_SCHEMA) without their JSON, which stays in the file:
-    ``entity_row`` is each row's place in it, and the lazy frame reads it from there."""
+    """A stored diff's changes (CHANGES_SCHEMA) without their JSON and references, which stay
+    in the file: ``entity_row`` is each row's place in it, and the lazy frame (SPILLED) reads
+    them from there. (Held, they were most of a first plan step's memory.) A delete, which has
+    no JSON, keeps its references: the snapshot's."""
     stored = pl.scan_parquet(path)
     if "missing" not in pl.read_parquet_schema(path):
         # Stored before the parse checked required attributes: read whole, the plan checks
         # the JSON.
-        return as_changes(stored.collect()), stored.select("entity")
+        return as_changes(stored.collect()), stored.select(SPILLED)
+    deleted = pl.col("op") == "delete"
     changes = (
         stored.with_row_index("entity_row")
         .select(
-            pl.exclude("entity", "entity_row"),
+            pl.exclude("entity", "references", "entity_row"),
             entity=pl.lit(None, pl.String),
-            entity_row=pl.when(pl.col("op") != "delete").then("entity_row"),  # no JSON
+            references=pl.when(deleted).then("references"),
+            entity_row=pl.when(~deleted).then("entity_row"),
         )
         .select(list(CHANGES_SCHEMA))
         .collect(engine="streaming")
     )
-    return changes, stored.select("entity")
+    return changes, stored.select(SPILLED)
 
 
 def as_changes(changes: pl.DataFrame) -> pl.DataFrame:

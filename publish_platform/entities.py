@@ -9,9 +9,10 @@ Most lines of a batch are entities that did not change since the source's last s
 hash (``RawHasher``: the line's bytes without its volatile attributes) recognises those without
 parsing them; only the lines it does not recognise are parsed, validated and hashed in full.
 
-The entity JSON of those lines is most of what a large batch weighs (a source's first batch is
-all of it): given a spill folder, the parse writes it there a block at a time and the frame keeps
-only where each entity's JSON is (``entity_row``). ``with_entities`` reads it back in a stream.
+The entity JSON of those lines, and their references, are most of what a large batch weighs (a
+source's first batch is all of it): given a spill folder, the parse writes them there a block at a
+time and the frame keeps only where each entity's are (``entity_row``). ``with_entities`` reads
+them back in a stream.
 """
 
 from __future__ import annotations
@@ -91,9 +92,15 @@ ENTITY_SCHEMA = {
     "raw_hash": pl.UInt128,
     # The required attributes the entity lacks ("" when none; null when not checked yet).
     "missing": pl.String,
-    # Where the entity's JSON is in the spill (``with_entities``): null when ``entity`` holds it.
+    # Where the entity's JSON and references are in the spill (``with_entities``): null when
+    # ``entity`` and ``references`` hold them.
     "entity_row": pl.UInt32,
 }
+
+# What a row with an ``entity_row`` has in the spill (or a stored diff) and not in its frame.
+FILLED = ["entity", "references"]
+# A spill's columns: those, and the identity its references are read with (``plan.edges``).
+SPILLED = ["type_name", "qualified_name", *FILLED]
 
 # Lines recognised by their raw hash as unchanged since the snapshot (the row they match in it):
 # not parsed. (The raw hash is the row's.) Most lines of a batch are these: 12 bytes each.
@@ -379,7 +386,8 @@ class ParsedEntities:
     lines_by_file: dict[str, int] = field(default_factory=dict)
     # Lines recognised as unchanged by their raw hash (UNCHANGED_SCHEMA), not parsed.
     unchanged: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=UNCHANGED_SCHEMA))
-    # The spilled entity JSON (``spilled_entities``), when the parse was given a folder.
+    # The spilled entity JSON and references (``spilled_entities``), when the parse was
+    # given a folder.
     entities: pl.LazyFrame | None = None
 
 
@@ -489,9 +497,9 @@ def parse_files(
     A file is its bytes or an iterable of pieces of them (streamed). Lines whose raw hash is in
     ``known_raw`` (``diff.recognisable``: the snapshot's raw hashes and rows) are unchanged: they
     are listed in ``unchanged`` with their snapshot row, and not parsed. ``spill``: a folder the
-    entity JSON is written to, a block at a time (``ParsedEntities.entities``), once the frame
-    holds HELD_JSON_BYTES of it; from then on each block's parsed rows are written there too
-    (``rows/``), and read back into the frame at the end (``_one_chunk``).
+    entity JSON and references are written to, a block at a time (``ParsedEntities.entities``),
+    once the frame holds HELD_JSON_BYTES of JSON; from then on each block's parsed rows are
+    written there too (``rows/``), and read back into the frame at the end (``_one_chunk``).
     """
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
@@ -582,16 +590,21 @@ def _by_type_rank(frame: pl.DataFrame) -> Iterator[tuple[int, pl.DataFrame]]:
 
 
 def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:
-    """A block's entity JSON written to a file of its own in ``folder``, named by the row it
-    starts at: the files in name order are the spill, row ``entity_row`` of it each entity's
-    JSON. The frame keeps the numbers in its place."""
+    """A block's entity JSON and references written to a file of its own in ``folder``, named
+    by the row it starts at: the files in name order are the spill, row ``entity_row`` of it
+    each entity's. The frame keeps the numbers in their place.
+
+    The references are the frame's largest column: none of the diff's work reads them, so they
+    wait on disk with the JSON (at 5M, their 330 MB held took about 530 MB of memory)."""
     numbered = frame.with_columns(
         entity_row=pl.int_range(first_row, first_row + frame.height, dtype=pl.UInt32)
     )
     folder.mkdir(parents=True, exist_ok=True)
     # lz4: the fastest to write and read back; the files live as long as the step.
-    numbered.select("entity").write_parquet(folder / f"{first_row:010d}.parquet", compression="lz4")
-    return numbered.with_columns(entity=pl.lit(None, pl.String))
+    numbered.select(SPILLED).write_parquet(folder / f"{first_row:010d}.parquet", compression="lz4")
+    return numbered.with_columns(
+        entity=pl.lit(None, pl.String), references=pl.lit(None, REFERENCES)
+    )
 
 
 def _spill_rows(part: pl.DataFrame, folder: Path, number: int) -> Path:
@@ -630,8 +643,8 @@ def _one_chunk(parts: list[pl.DataFrame | Path]) -> pl.DataFrame:
 
 
 def spilled_entities(folder: Path) -> pl.LazyFrame:
-    """The spill in ``folder``: one ``entity`` column, row ``entity_row`` an entity's JSON."""
-    return pl.scan_parquet(sorted(folder.glob("*.parquet"))).select("entity")
+    """The spill in ``folder`` (SPILLED): row ``entity_row`` an entity's JSON and references."""
+    return pl.scan_parquet(sorted(folder.glob("*.parquet"))).select(SPILLED)
 
 
 # JSON a parse given a spill folder holds before it spills the rest: a usual batch's changed
@@ -648,9 +661,9 @@ SLICED_CHUNK_ROWS = 4 * FILL_ROWS
 def with_entities(
     frame: pl.DataFrame, entities: pl.LazyFrame | None, scratch: Path
 ) -> pl.LazyFrame:
-    """``frame`` with the JSON of each row that has an ``entity_row`` read into its ``entity``
-    from ``entities`` (an ``entity`` column whose row ``entity_row`` is that row's JSON: a
-    parse's spill, a stored diff).
+    """``frame`` with the JSON and references of each row that has an ``entity_row`` read into
+    its ``entity`` and ``references`` from ``entities`` (SPILLED, whose row ``entity_row`` is
+    that row's: a parse's spill, a stored diff).
 
     Neither is held whole. The frame is filled a chunk at a time, each written to a file in
     ``scratch``, which must outlive the frame returned (it scans them). A chunk is rows whose
@@ -694,8 +707,10 @@ def with_entities(
         wanted = chunk.get_column("entity_row")
         if not wanted.null_count():
             first = int(wanted[0])
-            read = entities.slice(first, int(wanted[-1]) - first + 1).collect()
-            chunk = chunk.with_columns(read.get_column("entity").gather(wanted - first))
+            read = entities.slice(first, int(wanted[-1]) - first + 1).select(FILLED).collect()
+            chunk = chunk.with_columns(
+                read.get_column(name).gather(wanted - first) for name in FILLED
+            )
         parts.append(scratch / f"{number:08d}.parquet")
         chunk.write_parquet(parts[-1], compression="lz4")
     return pl.scan_parquet(parts)

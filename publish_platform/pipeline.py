@@ -303,8 +303,8 @@ def run_plan(
 
     ``metastore`` resolves references to entities outside batch and snapshot; ``approval`` is an
     operator's go-ahead for a batch that the deletion-safety check would hold. The plan returned
-    has its operations without their JSON: that is read from diff.parquet into plan.parquet in
-    a stream (``read_plan`` has it all).
+    has its operations without their JSON and references: those are read from diff.parquet
+    into plan.parquet in a stream (``read_plan`` has it all).
     """
     with ScratchFolder("plan") as scratch:
         return _run_plan(state, settings, partition_key, metastore, approval, scratch)
@@ -341,8 +341,9 @@ def _run_plan(
     )
     plan = planned.plan
     write_plan(state, plan, planned.operations)
-    # Its JSON is in files that go with the scratch folder: read_plan has it.
-    plan.operations, plan.entities = plan.operations.drop("entity"), None
+    # Their JSON and references are in files that go with the scratch folder: read_plan has
+    # them.
+    plan.operations, plan.entities = plan.operations.drop("entity", "references"), None
     return summary, plan, planned.checks
 
 

@@ -106,12 +106,13 @@ class Plan:
     # Lazy: a first batch's million new edges are counted and checked in a stream, not held.
     edges_added: pl.LazyFrame = field(default_factory=lambda: pl.LazyFrame(schema=EDGE_SCHEMA))
     edges_removed: pl.LazyFrame = field(default_factory=lambda: pl.LazyFrame(schema=EDGE_SCHEMA))
-    # Where the JSON of operations with an ``entity_row`` is (the diff's ``entities``).
+    # Where the JSON and references of operations with an ``entity_row`` are (the diff's
+    # ``entities``).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
 
     def stored_operations(self, scratch: Path) -> pl.LazyFrame:
-        """The operations with all their JSON (PLAN_SCHEMA), as stored: filled a chunk at a
-        time into files in ``scratch`` (``entities.with_entities``), and scanned."""
+        """The operations with their JSON and references (PLAN_SCHEMA), as stored: filled a
+        chunk at a time into files in ``scratch`` (``entities.with_entities``), and scanned."""
         return with_entities(self.operations, self.entities, scratch).select(list(PLAN_SCHEMA))
 
 
@@ -139,7 +140,7 @@ def build_plan(
     deletes = changes.filter(pl.col("op") == "delete")
 
     upserts, isolated_required = _isolate_missing_required(upserts)
-    references = _references(upserts)
+    references = _references(upserts, diff.entities)
     # Streamed: the few targets of a million references, and how many edges point at each,
     # without a table of them all (88 MB).
     per_target = (
@@ -279,9 +280,27 @@ def _named_by(changes: pl.DataFrame, rows: pl.Expr, identities: pl.DataFrame) ->
     )
 
 
-def _references(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+def _references(
+    frame: pl.DataFrame | pl.LazyFrame, entities: pl.LazyFrame | None = None
+) -> pl.LazyFrame:
     """One row per reference edge of the given entities (EDGE_SCHEMA), to stream or collect:
-    a first batch's table of edges (590 MB at 5M entities) is never needed whole."""
+    a first batch's table of edges (590 MB at 5M entities) is never needed whole. The
+    references of a row with an ``entity_row`` are read from ``entities`` (SPILLED: a parse's
+    spill, a stored diff), where they wait with its JSON."""
+    row = pl.col("entity_row")
+    waiting = (
+        frame.lazy().select(row.drop_nulls()).collect().to_series()
+        if entities is not None
+        else pl.Series([], dtype=pl.UInt32)
+    )
+    if not waiting.len():
+        return _edges(frame.lazy())
+    held = _edges(frame.lazy().filter(row.is_null()))
+    spilled = _edges(entities.with_row_index("entity_row").filter(row.is_in(waiting.implode())))
+    return pl.concat([held, spilled], how="vertical")
+
+
+def _edges(frame: pl.LazyFrame) -> pl.LazyFrame:
     return (
         # (Selected first: the lazy frame holds these columns of a frame, not all of it.)
         frame.select(
@@ -289,7 +308,6 @@ def _references(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
             pl.col("qualified_name").alias("from_qualified_name"),
             "references",
         )
-        .lazy()
         .explode("references")
         .drop_nulls("references")
         .unnest("references")
@@ -515,7 +533,9 @@ def check_references(plan: Plan, snapshot: pl.DataFrame | SnapshotView) -> Check
     # Streamed: a filter, or the table of every edge, would copy a first batch's creates.
     upserts = plan.operations.lazy().filter(pl.col("op") != "delete")
     # One stream over the edges: each target with how many reference it.
-    per_target = _references(upserts).group_by(IDENTITY).len().collect(engine="streaming")
+    per_target = (
+        _references(upserts, plan.entities).group_by(IDENTITY).len().collect(engine="streaming")
+    )
     references = int(per_target.get_column("len").sum())
     targets = per_target.select(IDENTITY)
     in_plan = upserts.select(IDENTITY).join(targets.lazy(), on=IDENTITY, how="semi")

@@ -12,7 +12,7 @@ import pytest
 
 from publish_platform import entities as entities_module
 from publish_platform.diff import diff_batch, read_changes, recognisable
-from publish_platform.entities import parse_files, with_entities
+from publish_platform.entities import REFERENCES, parse_files, with_entities
 from publish_platform.plan import PLAN_SCHEMA, build_plan
 from publish_platform.state import empty_snapshot, frame_parquet
 
@@ -34,6 +34,7 @@ def plans_both_ways(batch: list[tuple[str, bytes]], snapshot: pl.DataFrame, fold
     parsed = parse_files(batch, VOLATILE, known_raw=known, spill=folder / "entities")
     spilled_rows = parsed.frame.get_column("entity_row").is_not_null().sum()
     assert spilled_rows and parsed.frame.get_column("entity").null_count() == spilled_rows
+    assert parsed.frame.get_column("references").null_count() == spilled_rows  # with the JSON
     assert len(list((folder / "entities" / "rows").iterdir())) > 1  # the parsed rows, too
     diff = diff_batch(parsed, snapshot, UPSTREAM_SOURCE, "full")
     stored = folder / "diff.parquet"
@@ -92,7 +93,17 @@ def test_with_entities_reads_each_run_of_rows_in_order(tmp_path, monkeypatch, sl
     monkeypatch.setattr(entities_module, "FILL_ROWS", 4)  # windows of 4 rows: 0-3, 4-7, 8-9
     # The frame's chunk (14 rows) is taken a part at a time by a gather, or by slices.
     monkeypatch.setattr(entities_module, "SLICED_CHUNK_ROWS", sliced_chunk_rows)
-    spill = pl.DataFrame({"entity": [f"e{i}" for i in range(10)]})
+    spill = pl.DataFrame(
+        {
+            "type_name": ["Table"] * 10,
+            "qualified_name": [f"t{i}" for i in range(10)],
+            "entity": [f"e{i}" for i in range(10)],
+            "references": [
+                [{"attribute": "a", "type_name": "T", "qualified_name": f"r{i}"}] for i in range(10)
+            ],
+        },
+        schema_overrides={"references": REFERENCES},
+    )
     spill.head(4).write_parquet(tmp_path / "a.parquet")
     spill.tail(6).write_parquet(tmp_path / "b.parquet")
     rows = [None, 5, 7, 2, 3, None, None, 9, 9, 0, 1, 2, 3, 8]  # runs, nulls, a repeat
@@ -101,6 +112,7 @@ def test_with_entities_reads_each_run_of_rows_in_order(tmp_path, monkeypatch, sl
         {
             "n": range(len(rows)),
             "entity": [held.get(n) for n in range(len(rows))],
+            "references": pl.Series([[]] * len(rows), dtype=REFERENCES),
             "entity_row": pl.Series(rows, dtype=pl.UInt32),
         }
     )
@@ -109,6 +121,10 @@ def test_with_entities_reads_each_run_of_rows_in_order(tmp_path, monkeypatch, sl
     assert filled.columns == frame.columns
     assert filled["n"].to_list() == list(range(len(rows)))
     assert filled["entity"].to_list() == [held.get(n) or f"e{row}" for n, row in enumerate(rows)]
+    # The references wait with the JSON: a held row keeps its own (none here).
+    assert [
+        [edge["qualified_name"] for edge in edges] for edges in filled["references"].to_list()
+    ] == [[] if n in held else [f"r{row}"] for n, row in enumerate(rows)]
     # Rows that ascend within one window are one chunk, read by one slice: [5, 7], [2, 3],
     # [9], [9], [0, 1, 2, 3], [8]; and the two runs without JSON.
     assert len(list((tmp_path / "parts").iterdir())) == 8
