@@ -41,8 +41,9 @@ Mode = Literal["full", "incremental"]
 def plan_order() -> pl.Expr:
     """Where a change goes in a plan: creates and updates parents first, then deletes children
     first. A stable sort by it keeps the diff's order (the batch's lines) within a type rank."""
-    rank = type_rank().cast(pl.Int32)
-    return pl.when(pl.col("op") == "delete").then(2 * len(TYPE_RANK) + 1 - rank).otherwise(rank)
+    rank = type_rank()  # a byte, as is every place (at most 23)
+    deleted = pl.lit(2 * len(TYPE_RANK) + 1, pl.UInt8) - rank
+    return pl.when(pl.col("op") == "delete").then(deleted).otherwise(rank)
 
 
 # What a stored diff holds per entity: the snapshot's columns, the operation, and the required

@@ -57,12 +57,18 @@ TYPE_RANK: dict[str, int] = {
 }
 
 
+_RANKS = pl.Series("rank", list(TYPE_RANK.values()), dtype=pl.UInt8)
+
+
 def type_rank() -> pl.Expr:
     """Where an entity's type comes among a plan's creates and updates: parents first, a type
-    this platform does not publish last (the diff isolates it)."""
-    return pl.col("type_name").replace_strict(
-        TYPE_RANK, default=len(TYPE_RANK), return_dtype=pl.UInt8
-    )
+    this platform does not publish last (the diff isolates it).
+
+    Each type's place among the known ones (an enum's), then its rank from that: a
+    ``replace_strict`` of the names took 43 bytes a row (215 MB of a 5M first batch's steps,
+    which check that their changes are in plan order), this takes 1 or 2."""
+    known = pl.col("type_name").cast(pl.Enum(list(TYPE_RANK)), strict=False).to_physical()
+    return pl.lit(_RANKS).gather(known).fill_null(len(TYPE_RANK))
 
 
 # What every entity must have to be published (plan rule): checked when its line is parsed.
