@@ -600,8 +600,8 @@ def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:
     by the row it starts at: the files in name order are the spill, row ``entity_row`` of it
     each entity's. The frame keeps the numbers in their place.
 
-    The references are the frame's largest column: none of the diff's work reads them, so they
-    wait on disk with the JSON (at 5M, their 330 MB held took about 530 MB of memory)."""
+    The references are the frame's largest column, and none of the diff's work reads them: they
+    wait on disk with the JSON. (Held, a 5M first batch's took about 530 MB of each step.)"""
     numbered = frame.with_columns(
         entity_row=pl.int_range(first_row, first_row + frame.height, dtype=pl.UInt32)
     )
