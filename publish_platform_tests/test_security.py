@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import orjson
 import polars as pl
 import pytest
 import sqlalchemy as sa
@@ -267,6 +268,46 @@ def test_scope_check_refuses_entities_outside_the_source_namespace() -> None:
         ("Table", f"{OTHER}/db/s/t2"),
         ("Database", f"{SOURCE}0"),
     }
+
+
+def test_scope_check_reads_the_attribute_however_the_json_spells_it() -> None:
+    """The check passes a canonical JSON that states the source once without parsing it; any
+    other spelling is parsed, so neither a nested copy of the key nor an escaped key fools it."""
+
+    def operations(texts: list[str]) -> pl.DataFrame:
+        return _operations([entity("Table", f"db/s/t{n}") for n in range(len(texts))]).with_columns(
+            entity=pl.Series(texts, dtype=pl.String)
+        )
+
+    def canonical(connection: str, **attributes: Any) -> str:
+        made = entity("Table", "db/s/t", connectionQualifiedName=connection, **attributes)
+        return orjson.dumps(made, option=orjson.OPT_SORT_KEYS).decode()
+
+    within = [
+        canonical(SOURCE),
+        # The key quoted in a value is escaped there: not the key.
+        canonical(SOURCE, description=f'copied from "connectionQualifiedName":"{OTHER}"'),
+        # A nested copy of the key: parsed, and the entity's own attribute is the source.
+        canonical(SOURCE, extra={"connectionQualifiedName": OTHER}),
+        json.dumps(entity("Table", "db/s/t")),  # not canonical: parsed
+    ]
+    assert check_scope(SOURCE, operations(within)).passed
+
+    escaped = canonical(OTHER, extra={"connectionQualifiedName": SOURCE}).replace(
+        f'"connectionQualifiedName":"{OTHER}"', f'"connection\\u0051ualifiedName":"{OTHER}"'
+    )
+    assert escaped.count('"connectionQualifiedName"') == 1  # the nested one, the source
+    outside = [
+        canonical(OTHER),
+        canonical(OTHER, extra={"connectionQualifiedName": SOURCE}),
+        escaped,
+        json.dumps(entity("Table", "db/s/t", connectionQualifiedName=OTHER)),
+    ]
+    refused = check_scope(SOURCE, operations(within + outside))
+    assert refused.metadata["out_of_scope"] == len(outside)
+    assert [name for _, name in refused.metadata["examples"]] == [
+        f"{SOURCE}/db/s/t{n}" for n in range(len(within), len(within) + len(outside))
+    ]
 
 
 def test_a_plan_reaching_into_another_source_is_never_published(s3, state, settings, catalog):
