@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from publish_platform.entities import (
-    SPILLED,
+    FILLED,
     TYPE_RANK,
     EntityIssue,
     HashIndex,
@@ -411,28 +411,29 @@ def diff_batch(
 
 
 def read_changes(path: Path) -> tuple[pl.DataFrame, pl.LazyFrame]:
-    """A stored diff's changes (CHANGES_SCHEMA) without their JSON and references, which stay
-    in the file: ``entity_row`` is each row's place in it, and the lazy frame (SPILLED) reads
-    them from there. (Held, they were most of a first plan step's memory.) A delete, which has
-    no JSON, keeps its references: the snapshot's."""
+    """A stored diff's changes (CHANGES_SCHEMA) without their JSON, references, hashes and
+    guids (FILLED), which stay in the file: ``entity_row`` is each row's place in it, and the
+    lazy frame reads them from there. Held, they were most of a first plan step's memory (the
+    references a third of it, the hashes and guids another). A delete, which has no JSON, keeps
+    its own: the snapshot's."""
     stored = pl.scan_parquet(path)
+    in_file = stored.select("type_name", "qualified_name", *FILLED)
     if "missing" not in pl.read_parquet_schema(path):
         # Stored before the parse checked required attributes: read whole, the plan checks
         # the JSON.
-        return as_changes(stored.collect()), stored.select(SPILLED)
+        return as_changes(stored.collect()), in_file
     deleted = pl.col("op") == "delete"
     changes = (
         stored.with_row_index("entity_row")
         .select(
-            pl.exclude("entity", "references", "entity_row"),
-            entity=pl.lit(None, pl.String),
-            references=pl.when(deleted).then("references"),
+            pl.exclude(*FILLED, "entity_row"),
+            *[pl.when(deleted).then(name).alias(name) for name in FILLED],
             entity_row=pl.when(~deleted).then("entity_row"),
         )
         .select(list(CHANGES_SCHEMA))
         .collect(engine="streaming")
     )
-    return changes, stored.select(SPILLED)
+    return changes, in_file
 
 
 def as_changes(changes: pl.DataFrame) -> pl.DataFrame:

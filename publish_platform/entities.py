@@ -103,10 +103,13 @@ ENTITY_SCHEMA = {
     "entity_row": pl.UInt32,
 }
 
-# What a row with an ``entity_row`` has in the spill (or a stored diff) and not in its frame.
-FILLED = ["entity", "references"]
-# A spill's columns: those, and the identity its references are read with (``plan.edges``).
-SPILLED = ["type_name", "qualified_name", *FILLED]
+# What a row with an ``entity_row`` may have in the spill or a stored diff, and not in its
+# frame: ``with_entities`` fills those its source has (a parse's spill has no guid: a guid is
+# the snapshot's, set by the diff).
+FILLED = ["entity", "references", "hash", "raw_hash", "guid"]
+# A parse's spill: the JSON and references, and the identity its references are read with
+# (``plan._references``).
+SPILLED = ["type_name", "qualified_name", "entity", "references"]
 
 # Lines recognised by their raw hash as unchanged since the snapshot (the row they match in it):
 # not parsed. (The raw hash is the row's.) Most lines of a batch are these: 12 bytes each.
@@ -667,9 +670,9 @@ SLICED_CHUNK_ROWS = 4 * FILL_ROWS
 def with_entities(
     frame: pl.DataFrame, entities: pl.LazyFrame | None, scratch: Path
 ) -> pl.LazyFrame:
-    """``frame`` with the JSON and references of each row that has an ``entity_row`` read into
-    its ``entity`` and ``references`` from ``entities`` (SPILLED, whose row ``entity_row`` is
-    that row's: a parse's spill, a stored diff).
+    """``frame`` with the JSON and references (and whatever else of FILLED ``entities`` has) of
+    each row that has an ``entity_row`` read from ``entities``, whose row ``entity_row`` is that
+    row's: a parse's spill (SPILLED), a stored diff.
 
     Neither is held whole. The frame is filled a chunk at a time, each written to a file in
     ``scratch``, which must outlive the frame returned (it scans them). A chunk is rows whose
@@ -679,6 +682,7 @@ def with_entities(
     """
     if entities is None or frame.get_column("entity_row").null_count() == frame.height:
         return frame.lazy()
+    filled = [name for name in FILLED if name in entities.collect_schema()]
     row = pl.col("entity_row")
     held = row.is_null()
     window = row // FILL_ROWS
@@ -713,9 +717,9 @@ def with_entities(
         wanted = chunk.get_column("entity_row")
         if not wanted.null_count():
             first = int(wanted[0])
-            read = entities.slice(first, int(wanted[-1]) - first + 1).select(FILLED).collect()
+            read = entities.slice(first, int(wanted[-1]) - first + 1).select(filled).collect()
             chunk = chunk.with_columns(
-                read.get_column(name).gather(wanted - first) for name in FILLED
+                read.get_column(name).gather(wanted - first) for name in filled
             )
         parts.append(scratch / f"{number:08d}.parquet")
         chunk.write_parquet(parts[-1], compression="lz4")

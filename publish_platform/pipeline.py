@@ -28,7 +28,7 @@ from publish_platform.diff import (
     read_changes,
     recognisable,
 )
-from publish_platform.entities import EntityIssue
+from publish_platform.entities import FILLED, EntityIssue
 from publish_platform.landing import BatchProblem, RunRef, parse_batch, read_batch
 from publish_platform.metastores.base import Metastore
 from publish_platform.plan import (
@@ -42,6 +42,7 @@ from publish_platform.plan import (
     blocking_failures,
     build_plan,
     evaluate_checks,
+    plan_id,
 )
 from publish_platform.publish import (
     RESULT_SCHEMA,
@@ -303,8 +304,8 @@ def run_plan(
 
     ``metastore`` resolves references to entities outside batch and snapshot; ``approval`` is an
     operator's go-ahead for a batch that the deletion-safety check would hold. The plan returned
-    has its operations without their JSON and references: those are read from diff.parquet
-    into plan.parquet in a stream (``read_plan`` has it all).
+    has its operations without their JSON, references, hashes and guids (FILLED): those are
+    read from diff.parquet into plan.parquet in a stream (``read_plan`` has it all).
     """
     with ScratchFolder("plan") as scratch:
         return _run_plan(state, settings, partition_key, metastore, approval, scratch)
@@ -341,9 +342,9 @@ def _run_plan(
     )
     plan = planned.plan
     write_plan(state, plan, planned.operations)
-    # Their JSON and references are in files that go with the scratch folder: read_plan has
-    # them.
-    plan.operations, plan.entities = plan.operations.drop("entity", "references"), None
+    # Their JSON, references, hashes and guids are in files that go with the scratch folder:
+    # read_plan has them.
+    plan.operations, plan.entities = plan.operations.drop(FILLED), None
     return summary, plan, planned.checks
 
 
@@ -401,6 +402,7 @@ def plan_diff(
         approval = approval.model_copy(update={"deletes": plan.header.deletes})
     operations = scratch / "plan.parquet"
     frame_parquet(plan.stored_operations(scratch / "plan-parts"), operations)
+    plan.header.plan_id = plan_id(summary.base_serial, pl.scan_parquet(operations))
     checking = time.perf_counter()
     checks = evaluate_checks(plan, pl.scan_parquet(operations), snapshot, threshold, approval)
     checks_s = time.perf_counter() - checking

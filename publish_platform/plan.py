@@ -74,7 +74,7 @@ class PlanHeader(BaseModel):
     source: str
     mode: Mode
     base_serial: int
-    plan_id: str = ""
+    plan_id: str = ""  # of its stored operations (``plan_id``): set when the plan is stored
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     source_timestamp: datetime | None = None
     creates: int = 0
@@ -182,7 +182,6 @@ def build_plan(
         source=diff.source,
         mode=diff.mode,
         base_serial=base_serial,
-        plan_id=plan_id(base_serial, operations),
         source_timestamp=source_timestamp,
         creates=creates,
         updates=updates,
@@ -201,16 +200,19 @@ def build_plan(
     return Plan(header, operations, isolated, added, removed, entities=diff.entities)
 
 
-def plan_id(base_serial: int, operations: pl.DataFrame) -> str:
+def plan_id(base_serial: int, operations: pl.LazyFrame) -> str:
     """Identifies a plan by content: the same batch on the same serial gives the same id, so a
-    re-run after a crash finds the checkpoints of the plan it is resuming."""
+    re-run after a crash finds the checkpoints of the plan it is resuming. ``operations``: as
+    stored (``Plan.stored_operations``, or the plan's file scanned), where every operation has
+    its hash: in memory, those read from a stored diff's do not."""
     digest = hashlib.blake2b(str(base_serial).encode(), digest_size=12)
+    rows = operations.select(pl.len()).collect().item()
     for column in ("op", "type_name", "qualified_name", "hash"):
-        values = operations.get_column(column)
         # A slice at a time: the Python strings of a whole column of a large plan weigh GBs.
-        for offset in range(0, len(values), 100_000):
-            part = values.slice(offset, 100_000).fill_null("").to_list()
-            digest.update((b"\0" if offset else b"") + b"\0".join(v.encode() for v in part))
+        for offset in range(0, rows, 100_000):
+            part = operations.slice(offset, 100_000).select(column).collect().to_series()
+            values = part.fill_null("").to_list()
+            digest.update((b"\0" if offset else b"") + b"\0".join(v.encode() for v in values))
         digest.update(b"\1")
     return digest.hexdigest()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import uuid
 
 import orjson
 import polars as pl
@@ -16,6 +17,7 @@ from publish_platform.plan import (
     check_references,
     check_required_attributes,
     check_scope,
+    plan_id,
     preview,
 )
 from publish_platform.publish import RESULT_SCHEMA, next_snapshot
@@ -267,19 +269,22 @@ def test_plan_orders_parents_first_for_upserts_and_children_first_for_deletes():
     assert header.isolated == header.isolated_by_plan == 0
 
 
-def test_plan_id_identifies_the_plan_by_content_and_base_serial():
+def test_plan_id_identifies_the_plan_by_content_and_base_serial(tmp_path):
     snapshot, batch = reshaped_source()
     diff = diff_batch(batch, snapshot, SOURCE, "full")
-    plan = build_plan(diff, PK, base_serial=7)
-    assert plan.header.plan_id == build_plan(diff, "other/wf/run", base_serial=7).header.plan_id
-    assert plan.header.plan_id != build_plan(diff, PK, base_serial=8).header.plan_id
+
+    def stored_id(diff: DiffResult, base_serial: int, partition_key: str = PK) -> str:
+        plan = build_plan(diff, partition_key, base_serial=base_serial)
+        return plan_id(base_serial, plan.stored_operations(tmp_path / str(uuid.uuid4())))
+
+    assert stored_id(diff, 7) == stored_id(diff, 7, "other/wf/run")
+    assert stored_id(diff, 7) != stored_id(diff, 8)
     changed = [
         entity("Table", "db/s/t1", description="x") if e["attributes"]["name"] == "t1" else e
         for e in small_source()
         if "/t2" not in e["attributes"]["qualifiedName"]
     ]
-    other = build_plan(diff_batch(parse(changed), snapshot, SOURCE, "full"), PK, base_serial=7)
-    assert other.header.plan_id != plan.header.plan_id
+    assert stored_id(diff_batch(parse(changed), snapshot, SOURCE, "full"), 7) != stored_id(diff, 7)
 
 
 def test_plan_ranks_every_sql_type_of_the_fixture():
