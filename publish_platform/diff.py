@@ -23,6 +23,7 @@ from publish_platform.entities import (
     EntityIssue,
     HashIndex,
     ParsedEntities,
+    spilled_values,
     type_rank,
     with_entities,
 )
@@ -329,7 +330,7 @@ def diff_batch(
             rechunk=True,  # a join or gather copies the entity JSON of a frame of many chunks
         )
     candidates = candidates.with_row_index("batch_row")  # the order of the lines
-    batch, issues = screen(candidates, source, parsed.issues)
+    batch, issues = screen(candidates, source, parsed.issues, parsed.entities)
     protected = _protected_identities(issues)
 
     # (No snapshot row read, none to find: a join with none hashed every identity of a first
@@ -338,6 +339,7 @@ def diff_batch(
         indexed.select(*IDENTITY, "snapshot_row", pl.col("hash").alias("old_hash"), "guid"),
         on=IDENTITY,
     )
+    found = spilled_values(found, parsed.entities, ["hash"])  # to compare with the snapshot's
     # (A first batch finds nothing: no anti-join, which would copy the batch.)
     new = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti") if found.height else batch
     creates = new.with_columns(op=pl.lit("create"), guid=pl.lit(None, pl.String))
@@ -444,9 +446,13 @@ def as_changes(changes: pl.DataFrame) -> pl.DataFrame:
 
 
 def screen(
-    frame: pl.DataFrame, source: str, issues: list[EntityIssue] | None = None
+    frame: pl.DataFrame,
+    source: str,
+    issues: list[EntityIssue] | None = None,
+    entities: pl.LazyFrame | None = None,
 ) -> tuple[pl.DataFrame, list[EntityIssue]]:
-    """Isolate what cannot be published: wrong source, unknown type, conflicting duplicates."""
+    """Isolate what cannot be published: wrong source, unknown type, conflicting duplicates.
+    ``entities``: the parse's spill, where the hashes of the rows with an ``entity_row`` are."""
     issues = list(issues or [])
 
     def isolate(mask: pl.Expr, reason: str, message: str) -> None:
@@ -495,7 +501,11 @@ def screen(
     shared = ordered.filter(ordered == ordered.shift(1))
     if shared.len():
         repeated = hashes.is_in(shared.implode())
-        named_twice = frame.select(*IDENTITY, "hash").with_row_index("at").filter(repeated)
+        named_twice = spilled_values(
+            frame.select(*IDENTITY, "hash", "entity_row").with_row_index("at").filter(repeated),
+            entities,
+            ["hash"],
+        )
         conflicting = named_twice.filter(pl.col("hash").n_unique().over(IDENTITY) > 1)
         isolate(
             pl.int_range(pl.len()).is_in(conflicting.get_column("at").implode()),

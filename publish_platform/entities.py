@@ -98,8 +98,8 @@ ENTITY_SCHEMA = {
     "raw_hash": pl.UInt128,
     # The required attributes the entity lacks ("" when none; null when not checked yet).
     "missing": pl.String,
-    # Where the entity's JSON and references are in the spill (``with_entities``): null when
-    # ``entity`` and ``references`` hold them.
+    # Where the entity's JSON, references and hashes are in the spill (``with_entities``): null
+    # when the frame holds them.
     "entity_row": pl.UInt32,
 }
 
@@ -107,9 +107,9 @@ ENTITY_SCHEMA = {
 # frame: ``with_entities`` fills those its source has (a parse's spill has no guid: a guid is
 # the snapshot's, set by the diff).
 FILLED = ["entity", "references", "hash", "raw_hash", "guid"]
-# A parse's spill: the JSON and references, and the identity its references are read with
-# (``plan._references``).
-SPILLED = ["type_name", "qualified_name", "entity", "references"]
+# A parse's spill: the JSON, references and hashes, and the identity its references are read
+# with (``plan._references``).
+SPILLED = ["type_name", "qualified_name", "entity", "references", "hash", "raw_hash"]
 
 # Lines recognised by their raw hash as unchanged since the snapshot (the row they match in it):
 # not parsed. (The raw hash is the row's.) Most lines of a batch are these: 12 bytes each.
@@ -599,12 +599,14 @@ def _by_type_rank(frame: pl.DataFrame) -> Iterator[tuple[int, pl.DataFrame]]:
 
 
 def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:
-    """A block's entity JSON and references written to a file of its own in ``folder``, named
-    by the row it starts at: the files in name order are the spill, row ``entity_row`` of it
-    each entity's. The frame keeps the numbers in their place.
+    """A block's entity JSON, references and hashes written to a file of its own in ``folder``,
+    named by the row it starts at: the files in name order are the spill, row ``entity_row`` of
+    it each entity's. The frame keeps the numbers in their place.
 
     The references are the frame's largest column, and none of the diff's work reads them: they
-    wait on disk with the JSON. (Held, a 5M first batch's took about 530 MB of each step.)"""
+    wait on disk with the JSON. (Held, a 5M first batch's took about 530 MB of each step.) So do
+    the hashes (64 bytes a row held): the diff reads back the content hashes of the few rows it
+    compares (``spilled_values``)."""
     numbered = frame.with_columns(
         entity_row=pl.int_range(first_row, first_row + frame.height, dtype=pl.UInt32)
     )
@@ -612,7 +614,10 @@ def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:
     # lz4: the fastest to write and read back; the files live as long as the step.
     numbered.select(SPILLED).write_parquet(folder / f"{first_row:010d}.parquet", compression="lz4")
     return numbered.with_columns(
-        entity=pl.lit(None, pl.String), references=pl.lit(None, REFERENCES)
+        entity=pl.lit(None, pl.String),
+        references=pl.lit(None, REFERENCES),
+        hash=pl.lit(None, pl.String),
+        raw_hash=pl.lit(None, pl.UInt128),
     )
 
 
@@ -651,8 +656,32 @@ def _one_chunk(parts: list[pl.DataFrame | Path]) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
+def spilled_values(
+    frame: pl.DataFrame, entities: pl.LazyFrame | None, names: list[str]
+) -> pl.DataFrame:
+    """``frame`` with its columns ``names`` read from ``entities`` (a parse's spill) for its
+    rows that have an ``entity_row``: for the few rows a diff compares, read in one stream over
+    the spill."""
+    rows = frame.get_column("entity_row").drop_nulls()
+    if entities is None or not rows.len():
+        return frame
+    row = pl.col("entity_row")
+    read = (
+        entities.with_row_index("entity_row")
+        .filter(row.is_in(rows.unique().implode()))
+        .select("entity_row", *[pl.col(name).alias(f"{name}_spilled") for name in names])
+        .collect(engine="streaming")
+    )
+    return (
+        frame.join(read, on="entity_row", how="left", maintain_order="left")
+        .with_columns(pl.coalesce(f"{name}_spilled", name).alias(name) for name in names)
+        .select(frame.columns)
+    )
+
+
 def spilled_entities(folder: Path) -> pl.LazyFrame:
-    """The spill in ``folder`` (SPILLED): row ``entity_row`` an entity's JSON and references."""
+    """The spill in ``folder`` (SPILLED): row ``entity_row`` an entity's JSON, references and
+    hashes."""
     return pl.scan_parquet(sorted(folder.glob("*.parquet"))).select(SPILLED)
 
 

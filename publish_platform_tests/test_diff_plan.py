@@ -9,6 +9,7 @@ import orjson
 import polars as pl
 import pytest
 
+from publish_platform import entities as entities_module
 from publish_platform.diff import DIFF_SCHEMA, TYPE_RANK, DiffResult, diff_batch
 from publish_platform.entities import ParsedEntities, parse_files
 from publish_platform.plan import (
@@ -187,7 +188,10 @@ def test_isolated_entities_with_an_identity_are_not_deleted(fixture_snapshot):
     assert diff.count("unchanged") == 36
 
 
-def test_screening_isolates_wrong_source_unknown_type_and_conflicts():
+@pytest.mark.parametrize("spilled", [False, True], ids=["held", "spilled"])
+def test_screening_isolates_wrong_source_unknown_type_and_conflicts(spilled, tmp_path, monkeypatch):
+    """Spilled, the rows' content hashes are in the spill: those of the repeated identities are
+    read back to tell a conflict from an exact duplicate."""
     other = "default/test/10"  # shares a string prefix with SOURCE: the namespace check must hold
     base = small_source()
     t1 = next(e for e in base if e["attributes"]["qualifiedName"].endswith("/t1"))
@@ -203,7 +207,14 @@ def test_screening_isolates_wrong_source_unknown_type_and_conflicts():
         entity("Table", "db/s/y", source=other, connectionQualifiedName=SOURCE),  # outside
         entity("Process", "db/p"),  # not a type this platform publishes
     ]
-    diff = diff_batch(parse(batch), empty_snapshot(), SOURCE, "full")
+    monkeypatch.setattr(entities_module, "HELD_JSON_BYTES", 0)
+    parsed = parse_files(
+        [("transformed/x/entities.json", jsonl(batch))],
+        VOLATILE,
+        spill=tmp_path / "spill" if spilled else None,
+    )
+    assert parsed.frame.get_column("hash").null_count() == (parsed.frame.height if spilled else 0)
+    diff = diff_batch(parsed, empty_snapshot(), SOURCE, "full")
 
     by_reason: dict[str, list[tuple[int, str]]] = {}
     for issue in diff.issues:
