@@ -50,8 +50,8 @@ def plan_order() -> pl.Expr:
 # What a stored diff holds per entity: the snapshot's columns, the operation, and the required
 # attributes the entity lacks ("" when none; null for a delete, or when not known).
 DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA, "missing": pl.String}
-# In memory, the JSON and references of a row with an ``entity_row`` are not in the frame but in
-# the diff's ``entities`` (``entities.with_entities`` puts them back).
+# In memory, the JSON, references and hashes (FILLED) of a row with an ``entity_row`` may be not
+# in the frame but in the diff's ``entities`` (``entities.with_entities`` puts them back).
 CHANGES_SCHEMA = {**DIFF_SCHEMA, "entity_row": pl.UInt32}
 
 IDENTITY = ["type_name", "qualified_name"]
@@ -71,12 +71,12 @@ class DiffResult:
     unchanged: int = 0  # entities of the batch equal to their snapshot row (not listed)
     # The snapshot compared against: where the plan finds the unchanged entities.
     snapshot: SnapshotView | None = field(default=None, repr=False)
-    # Where the JSON and references of the changes with an ``entity_row`` are (SPILLED: the
+    # Where the JSON, references and hashes of the changes with an ``entity_row`` are (the
     # parse's spill, a stored diff).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
 
     def stored_changes(self, scratch: Path) -> pl.LazyFrame:
-        """The changes with all their JSON and references (DIFF_SCHEMA), as stored: filled a
+        """The changes with their JSON, references and hashes (DIFF_SCHEMA), as stored: filled a
         chunk at a time into files in ``scratch`` (``entities.with_entities``), and scanned."""
         return with_entities(self.changes, self.entities, scratch).select(list(DIFF_SCHEMA))
 

@@ -9,10 +9,10 @@ Most lines of a batch are entities that did not change since the source's last s
 hash (``RawHasher``: the line's bytes without its volatile attributes) recognises those without
 parsing them; only the lines it does not recognise are parsed, validated and hashed in full.
 
-The entity JSON of those lines, and their references, are most of what a large batch weighs (a
-source's first batch is all of it): given a spill folder, the parse writes them there a block at a
-time and the frame keeps only where each entity's are (``entity_row``). ``with_entities`` reads
-them back in a stream.
+The entity JSON of those lines, their references and hashes are most of what a large batch weighs
+(a source's first batch is all of it): given a spill folder, the parse writes them there a block
+at a time and the frame keeps only where each entity's are (``entity_row``). ``with_entities``
+reads them back in a stream.
 """
 
 from __future__ import annotations
@@ -395,8 +395,8 @@ class ParsedEntities:
     lines_by_file: dict[str, int] = field(default_factory=dict)
     # Lines recognised as unchanged by their raw hash (UNCHANGED_SCHEMA), not parsed.
     unchanged: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=UNCHANGED_SCHEMA))
-    # The spilled entity JSON and references (``spilled_entities``), when the parse was
-    # given a folder.
+    # The spilled entity JSON, references and hashes (``spilled_entities``), when the parse
+    # was given a folder.
     entities: pl.LazyFrame | None = None
 
 
@@ -506,7 +506,7 @@ def parse_files(
     A file is its bytes or an iterable of pieces of them (streamed). Lines whose raw hash is in
     ``known_raw`` (``diff.recognisable``: the snapshot's raw hashes and rows) are unchanged: they
     are listed in ``unchanged`` with their snapshot row, and not parsed. ``spill``: a folder the
-    entity JSON and references are written to, a block at a time (``ParsedEntities.entities``),
+    entity JSON, references and hashes are written to, a block at a time (``entities``),
     once the frame holds HELD_JSON_BYTES of JSON; from then on each block's parsed rows are
     written there too (``rows/``), and read back into the frame at the end (``_one_chunk``).
     """

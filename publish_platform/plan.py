@@ -106,12 +106,12 @@ class Plan:
     # Lazy: a first batch's million new edges are counted and checked in a stream, not held.
     edges_added: pl.LazyFrame = field(default_factory=lambda: pl.LazyFrame(schema=EDGE_SCHEMA))
     edges_removed: pl.LazyFrame = field(default_factory=lambda: pl.LazyFrame(schema=EDGE_SCHEMA))
-    # Where the JSON and references of operations with an ``entity_row`` are (the diff's
-    # ``entities``).
+    # Where the JSON, references and hashes of operations with an ``entity_row`` are (the
+    # diff's ``entities``).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
 
     def stored_operations(self, scratch: Path) -> pl.LazyFrame:
-        """The operations with their JSON and references (PLAN_SCHEMA), as stored: filled a
+        """The operations with their JSON, references and hashes (PLAN_SCHEMA), as stored: filled a
         chunk at a time into files in ``scratch`` (``entities.with_entities``), and scanned."""
         return with_entities(self.operations, self.entities, scratch).select(list(PLAN_SCHEMA))
 
