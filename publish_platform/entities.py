@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import groupby
 from pathlib import Path
 from typing import TypeVar
 
@@ -107,9 +106,10 @@ ENTITY_SCHEMA = {
 # frame: ``with_entities`` fills those its source has (a parse's spill has no guid: a guid is
 # the snapshot's, set by the diff).
 FILLED = ["entity", "references", "hash", "raw_hash", "guid"]
-# A parse's spill: the JSON, references and hashes, and the identity its references are read
-# with (``plan._references``).
-SPILLED = ["type_name", "qualified_name", "entity", "references", "hash", "raw_hash"]
+# What of a row a parse's spill holds, and its frame does not: the JSON, references and hashes.
+WAITING = ["entity", "references", "hash", "raw_hash"]
+# A parse's spill: those, and the identity its references are read with (``plan._references``).
+SPILLED = ["type_name", "qualified_name", *WAITING]
 
 # Lines recognised by their raw hash as unchanged since the snapshot (the row they match in it):
 # not parsed. (The raw hash is the row's.) Most lines of a batch are these: 12 bytes each.
@@ -564,6 +564,14 @@ def parse_files(
             if spill is not None:
                 held += frame.get_column("entity").str.len_bytes().sum()
                 if held > HELD_JSON_BYTES:
+                    if not spilled:  # a large batch: what was held is spilled too
+                        for rank_parts in parts.values():
+                            for at, part in enumerate(rank_parts):
+                                assert isinstance(part, pl.DataFrame)
+                                part = _spill(part, spill, spilled)
+                                spilled += part.height
+                                rank_parts[at] = _spill_rows(part, spill / "rows", part_files)
+                                part_files += 1
                     frame = _spill(frame, spill, spilled)
                     spilled += frame.height
             for rank, part in _by_type_rank(frame):
@@ -613,12 +621,7 @@ def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:
     folder.mkdir(parents=True, exist_ok=True)
     # lz4: the fastest to write and read back; the files live as long as the step.
     numbered.select(SPILLED).write_parquet(folder / f"{first_row:010d}.parquet", compression="lz4")
-    return numbered.with_columns(
-        entity=pl.lit(None, pl.String),
-        references=pl.lit(None, REFERENCES),
-        hash=pl.lit(None, pl.String),
-        raw_hash=pl.lit(None, pl.UInt128),
-    )
+    return numbered.with_columns(pl.lit(None, ENTITY_SCHEMA[name]).alias(name) for name in WAITING)
 
 
 def _spill_rows(part: pl.DataFrame, folder: Path, number: int) -> Path:
@@ -626,7 +629,7 @@ def _spill_rows(part: pl.DataFrame, folder: Path, number: int) -> Path:
     fastest to write and to read a column of), its place in the parse's parts ``number``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{number:08d}.arrow"
-    part.write_ipc(path, compression="uncompressed")
+    part.drop(WAITING).write_ipc(path, compression="uncompressed")  # (in the spill)
     return path
 
 
@@ -641,19 +644,26 @@ def _one_chunk(parts: list[pl.DataFrame | Path]) -> pl.DataFrame:
     the parse freed): spilled, a parse of the bench's three 1M files as one batch peaked at
     1,295 MB instead of 1,809 MB, and the bench's 5M first diff step at 2,085 MB instead of
     2,571 MB, for 2% more time.
+
+    A parse spills all its parts or none. Spilled, the columns that wait in the spill (WAITING)
+    are each one null, not a null a row: a column of nulls took 16 bytes a row (80 MB at 5M).
     """
+    files = [part for part in parts if isinstance(part, Path)]
+    assert not files or len(files) == len(parts), "a parse spills all its parts or none"
     columns: dict[str, pl.Series] = {}
     for name, dtype in ENTITY_SCHEMA.items():
-        pieces = [
-            pl.scan_ipc(list(run)).select(name).collect().get_column(name)
-            if spilled
-            else pl.concat([part.get_column(name) for part in run])
-            for spilled, run in groupby(parts, key=lambda part: isinstance(part, Path))
-        ]
+        if files and name in WAITING:
+            continue
+        pieces = (
+            [pl.scan_ipc(files).select(name).collect().get_column(name)]
+            if files
+            else [part.get_column(name) for part in parts if isinstance(part, pl.DataFrame)]
+        )
         columns[name] = pl.concat([pl.Series(name, [], dtype), *pieces], rechunk=True)
         del pieces
         parts = [part.drop(name) if isinstance(part, pl.DataFrame) else part for part in parts]
-    return pl.DataFrame(columns)
+    waiting = [pl.lit(None, ENTITY_SCHEMA[name]).alias(name) for name in WAITING if files]
+    return pl.DataFrame(columns).with_columns(waiting).select(list(ENTITY_SCHEMA))
 
 
 def spilled_values(
@@ -757,12 +767,19 @@ def with_entities(
 
 def _sliceable(frame: pl.DataFrame) -> bool:
     """Whether every column that holds data of variable size (strings, lists) is in chunks of
-    at most SLICED_CHUNK_ROWS rows. (Numbers and columns of nulls slice at no cost.)"""
+    at most SLICED_CHUNK_ROWS rows. (Numbers and columns of nulls slice at no cost.) Nulls are
+    counted by an expression: a column of one value (``diff.read_changes``) is not spelled out
+    row by row."""
+    variable = [
+        name
+        for name, dtype in frame.schema.items()
+        if dtype in (pl.String, pl.Binary) or dtype.is_nested()
+    ]
+    nulls = frame.select(pl.col(variable).null_count()).row(0) if variable else ()
     return not any(
-        (column.dtype in (pl.String, pl.Binary) or column.dtype.is_nested())
-        and column.null_count() < column.len()
-        and max(column.chunk_lengths(), default=0) > SLICED_CHUNK_ROWS
-        for column in frame.get_columns()
+        null_count < frame.height
+        and max(frame.get_column(name).chunk_lengths(), default=0) > SLICED_CHUNK_ROWS
+        for name, null_count in zip(variable, nulls, strict=True)
     )
 
 

@@ -47,8 +47,8 @@ def plans_both_ways(batch: list[tuple[str, bytes]], snapshot: pl.DataFrame, fold
 
 @pytest.fixture(params=[0, 2_000], ids=["all-spilled", "some-held"])
 def small_blocks(monkeypatch, request):
-    """Blocks of a few lines: the spill is many files, read back across them. All spilled, or
-    the first blocks held in memory (in the plan, runs of rows of both kinds)."""
+    """Blocks of a few lines: the spill is many files, read back across them. Spilled from the
+    first block, or from a later one (the blocks held until then are spilled with it)."""
     monkeypatch.setattr(entities_module, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(entities_module, "HELD_JSON_BYTES", request.param)
 
