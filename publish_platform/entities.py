@@ -507,8 +507,9 @@ def parse_files(
     ``known_raw`` (``diff.recognisable``: the snapshot's raw hashes and rows) are unchanged: they
     are listed in ``unchanged`` with their snapshot row, and not parsed. ``spill``: a folder the
     entity JSON, references and hashes are written to, a block at a time (``entities``),
-    once the frame holds HELD_JSON_BYTES of JSON; from then on each block's parsed rows are
-    written there too (``rows/``), and read back into the frame at the end (``_one_chunk``).
+    once the batch's JSON passes HELD_JSON_BYTES (then the blocks held until then too); each
+    block's parsed rows are written there as well (``rows/``), and read back into the frame at
+    the end (``_one_chunk``).
     """
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
@@ -695,7 +696,7 @@ def spilled_entities(folder: Path) -> pl.LazyFrame:
     return pl.scan_parquet(sorted(folder.glob("*.parquet"))).select(SPILLED)
 
 
-# JSON a parse given a spill folder holds before it spills the rest: a usual batch's changed
+# JSON a parse given a spill folder holds; past it, it spills all of it: a usual batch's changed
 # entities stay in memory (spilling them made the bench's 1M diff + plan about 6% slower, for
 # 30 MB less at its peak), a source's first batch is spilled.
 HELD_JSON_BYTES = 64 * 1024 * 1024
