@@ -676,10 +676,8 @@ def spilled_values(
     rows = frame.get_column("entity_row").drop_nulls()
     if entities is None or not rows.len():
         return frame
-    row = pl.col("entity_row")
     read = (
-        entities.with_row_index("entity_row")
-        .filter(row.is_in(rows.unique().implode()))
+        spilled_rows(entities, rows)
         .select("entity_row", *[pl.col(name).alias(f"{name}_spilled") for name in names])
         .collect(engine="streaming")
     )
@@ -688,6 +686,13 @@ def spilled_values(
         .with_columns(pl.coalesce(f"{name}_spilled", name).alias(name) for name in names)
         .select(frame.columns)
     )
+
+
+def spilled_rows(entities: pl.LazyFrame, rows: pl.Series) -> pl.LazyFrame:
+    """The rows numbered ``rows`` (``entity_row``) of ``entities`` (a parse's spill, a stored
+    diff), with their numbers: a filter to stream, which reads only the columns selected."""
+    numbered = entities.with_row_index("entity_row")
+    return numbered.filter(pl.col("entity_row").is_in(rows.unique().implode()))
 
 
 def spilled_entities(folder: Path) -> pl.LazyFrame:

@@ -38,7 +38,12 @@ from publish_platform.diff import (
     as_view,
     plan_order,
 )
-from publish_platform.entities import REQUIRED_ATTRIBUTES, missing_required, with_entities
+from publish_platform.entities import (
+    REQUIRED_ATTRIBUTES,
+    missing_required,
+    spilled_rows,
+    with_entities,
+)
 
 # A stored plan's operations; in memory they also have the diff's ``entity_row``.
 PLAN_SCHEMA = {"seq": pl.Int64, **DIFF_SCHEMA}
@@ -298,7 +303,7 @@ def _references(
     if not waiting.len():
         return _edges(frame.lazy())
     held = _edges(frame.lazy().filter(row.is_null()))
-    spilled = _edges(entities.with_row_index("entity_row").filter(row.is_in(waiting.implode())))
+    spilled = _edges(spilled_rows(entities, waiting))
     return pl.concat([held, spilled], how="vertical")
 
 
