@@ -522,7 +522,16 @@ def parse_files(
     lines_by_file: dict[str, int] = {}
     last_sync_ms: int | None = None
     known = known_raw if known_raw is not None and len(known_raw) else None
-    spilled = held = part_files = 0  # rows spilled; bytes of JSON held; parts spilled
+    spilled = held = 0  # rows spilled; bytes of JSON held
+    spilling = False  # once the JSON held passes HELD_JSON_BYTES
+
+    def spilled_part(part: pl.DataFrame | Path) -> Path:
+        nonlocal spilled
+        assert spill is not None and isinstance(part, pl.DataFrame)
+        path = _spill_part(part, spill, spilled)
+        spilled += part.height
+        return path
+
     for block in _scanned_blocks(files, hasher, known):
         source_file = block.source_file
         total += block.lines
@@ -562,24 +571,15 @@ def parse_files(
             # A block's rows become a frame at once: the Python strings of a whole batch's
             # changed entities would outweigh the frame (and the allocator keeps what they took).
             frame = _entity_frame(rows)
-            if spill is not None:
+            if spill is not None and not spilling:
                 held += frame.get_column("entity").str.len_bytes().sum()
-                if held > HELD_JSON_BYTES:
-                    if not spilled:  # a large batch: what was held is spilled too
-                        for rank_parts in parts.values():
-                            for at, part in enumerate(rank_parts):
-                                assert isinstance(part, pl.DataFrame)
-                                part = _spill(part, spill, spilled)
-                                spilled += part.height
-                                rank_parts[at] = _spill_rows(part, spill / "rows", part_files)
-                                part_files += 1
-                    frame = _spill(frame, spill, spilled)
-                    spilled += frame.height
+                spilling = held > HELD_JSON_BYTES
+                if spilling:  # a large batch: spilled whole, what was held too
+                    for rank_parts in parts.values():
+                        rank_parts[:] = [spilled_part(part) for part in rank_parts]
             for rank, part in _by_type_rank(frame):
-                if spill is not None and spilled:  # its rows too (``_one_chunk`` says why)
-                    part = _spill_rows(part, spill / "rows", part_files)
-                    part_files += 1
-                parts.setdefault(rank, []).append(part)
+                # Its rows too, not only its JSON: ``_one_chunk`` says why.
+                parts.setdefault(rank, []).append(spilled_part(part) if spilling else part)
             rows = {name: [] for name in ENTITY_SCHEMA}
     _return_freed_memory()
     in_rank_order = [part for rank in sorted(parts) for part in parts[rank]]
@@ -591,7 +591,7 @@ def parse_files(
         last_sync_ms=last_sync_ms,
         lines_by_file=lines_by_file,
         unchanged=pl.concat(unchanged, how="vertical"),
-        entities=spilled_entities(spill) if spill is not None and spilled else None,
+        entities=spilled_entities(spill) if spill is not None and spilling else None,
     )
 
 
@@ -607,35 +607,30 @@ def _by_type_rank(frame: pl.DataFrame) -> Iterator[tuple[int, pl.DataFrame]]:
         yield int(rank), part.drop("rank")
 
 
-def _spill(frame: pl.DataFrame, folder: Path, first_row: int) -> pl.DataFrame:
-    """A block's entity JSON, references and hashes written to a file of its own in ``folder``,
-    named by the row it starts at: the files in name order are the spill, row ``entity_row`` of
-    it each entity's. The frame keeps the numbers in their place.
+def _spill_part(part: pl.DataFrame, folder: Path, first_row: int) -> Path:
+    """A block's part spilled, its rows numbered from ``first_row`` (``entity_row``): their
+    JSON, references and hashes (SPILLED) to a parquet file in ``folder`` named by that row, so
+    that the files in name order are the spill, row ``entity_row`` of it each entity's; their
+    other columns to an Arrow IPC file in ``folder/rows`` (uncompressed: the fastest to write
+    and to read a column of), whose path takes the part's place in the parse.
 
     The references are the frame's largest column, and none of the diff's work reads them: they
     wait on disk with the JSON. (Held, a 5M first batch's took about 530 MB of each step.) So do
     the hashes (64 bytes a row held): the diff reads back the content hashes of the few rows it
     compares (``spilled_values``)."""
-    numbered = frame.with_columns(
-        entity_row=pl.int_range(first_row, first_row + frame.height, dtype=pl.UInt32)
+    numbered = part.with_columns(
+        entity_row=pl.int_range(first_row, first_row + part.height, dtype=pl.UInt32)
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows").mkdir(parents=True, exist_ok=True)
     # lz4: the fastest to write and read back; the files live as long as the step.
     numbered.select(SPILLED).write_parquet(folder / f"{first_row:010d}.parquet", compression="lz4")
-    return numbered.with_columns(pl.lit(None, ENTITY_SCHEMA[name]).alias(name) for name in WAITING)
-
-
-def _spill_rows(part: pl.DataFrame, folder: Path, number: int) -> Path:
-    """A block's part written to a file of its own in ``folder`` (Arrow IPC, uncompressed: the
-    fastest to write and to read a column of), its place in the parse's parts ``number``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{number:08d}.arrow"
-    part.drop(WAITING).write_ipc(path, compression="uncompressed")  # (in the spill)
-    return path
+    rows = folder / "rows" / f"{first_row:010d}.arrow"
+    numbered.drop(WAITING).write_ipc(rows, compression="uncompressed")
+    return rows
 
 
 def _one_chunk(parts: list[pl.DataFrame | Path]) -> pl.DataFrame:
-    """The parse's parts (held, or files of ``_spill_rows``) in order, as one frame in one
+    """The parse's parts (held, or files of ``_spill_part``) in order, as one frame in one
     chunk: polars copies the strings of a many-chunk frame on every join or gather (the diff's
     and the plan's), where it shares those of one.
 
