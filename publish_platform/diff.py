@@ -418,30 +418,20 @@ def read_changes(path: Path) -> tuple[pl.DataFrame, pl.LazyFrame]:
     """A stored diff's changes (CHANGES_SCHEMA) without their JSON, references, hashes and
     guids (FILLED), which stay in the file: ``entity_row`` is each row's place in it, and the
     lazy frame reads them from there. Held, they were most of a first plan step's memory (the
-    references a third of it, the hashes and guids another). A delete, which has no JSON, keeps
-    its own: the snapshot's."""
+    references a third of it, the hashes and guids another). In the frame they are columns of
+    one null each, where a column of nulls took 16 bytes a row (80 MB each at 5M)."""
     stored = pl.scan_parquet(path)
     in_file = stored.select("type_name", "qualified_name", *FILLED)
     if "missing" not in pl.read_parquet_schema(path):
         # Stored before the parse checked required attributes: read whole, the plan checks
         # the JSON.
         return as_changes(stored.collect()), in_file
-    deleted = pl.col("op") == "delete"
-    numbered = stored.with_row_index("entity_row")
-    if stored.select(deleted.any()).collect().item():
-        changes = numbered.select(
-            pl.exclude(*FILLED, "entity_row"),
-            *[pl.when(deleted).then(name).alias(name) for name in FILLED],
-            entity_row=pl.when(~deleted).then("entity_row"),
-        ).collect(engine="streaming")
-    else:
-        # No delete (a first batch's diff has none): columns of one null each, where a column
-        # of nulls took 16 bytes a row (80 MB each of a 5M first plan step).
-        changes = (
-            numbered.select(pl.exclude(*FILLED))
-            .collect(engine="streaming")
-            .with_columns(pl.lit(None, CHANGES_SCHEMA[name]).alias(name) for name in FILLED)
-        )
+    changes = (
+        stored.with_row_index("entity_row")
+        .select(pl.exclude(*FILLED))
+        .collect(engine="streaming")
+        .with_columns(pl.lit(None, CHANGES_SCHEMA[name]).alias(name) for name in FILLED)
+    )
     return changes.select(list(CHANGES_SCHEMA)), in_file
 
 
