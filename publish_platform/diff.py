@@ -18,7 +18,6 @@ import numpy as np
 import polars as pl
 
 from publish_platform.entities import (
-    FILLED,
     TYPE_RANK,
     EntityIssue,
     HashIndex,
@@ -62,7 +61,8 @@ IDENTITY_SCHEMA = {name: pl.String for name in IDENTITY}
 class DiffResult:
     source: str
     mode: Mode
-    changes: pl.DataFrame  # CHANGES_SCHEMA: create / update / delete rows
+    # CHANGES_SCHEMA: create / update / delete rows; held, or scanned from a stored diff
+    changes: pl.DataFrame | pl.LazyFrame
     lines: int
     valid_entities: int
     snapshot_entities: int
@@ -85,7 +85,8 @@ class DiffResult:
             return self.unchanged
         # Counted by an expression: a filter copies the rows, and a column taken out of the
         # frame spells out a first batch's one "create" row by row.
-        return int(self.changes.select((pl.col("op") == op).sum()).item())
+        counted = self.changes.lazy().select((pl.col("op") == op).sum())
+        return int(counted.collect(engine="streaming").item())
 
     @property
     def isolated(self) -> int:
@@ -254,8 +255,12 @@ def recognisable(snapshot: pl.DataFrame | SnapshotView) -> HashIndex:
 def derive_source(parsed: ParsedEntities) -> str | list[str]:
     """The batch's connection, from its data: exactly one, or the list of all it names."""
     connections = (
-        parsed.frame.get_column("connection_qualified_name").unique().cast(pl.String).sort()
-    ).to_list()
+        parsed.scan()
+        .select(pl.col("connection_qualified_name").unique().cast(pl.String).sort())
+        .collect(engine="streaming")
+        .to_series()
+        .to_list()
+    )
     return connections[0] if len(connections) == 1 else connections
 
 
@@ -279,6 +284,8 @@ def diff_batch(
     if force and parsed.unchanged.height:
         raise ValueError("a forced diff re-sends every entity: parse every line (no known_raw)")
     view = as_view(snapshot)
+    if parsed.spilled and not view.entities:
+        return _first_diff(parsed, view, source, mode)
     recognised_rows = parsed.unchanged.get_column("snapshot_row")
     recognised = np.zeros(view.entities, dtype=bool)
     recognised[recognised_rows.to_numpy()] = True
@@ -350,37 +357,30 @@ def diff_batch(
     # Unchanged entities are counted, not listed: the next snapshot keeps them from the base.
     unchanged = found.height - updates.height + recognised_rows.n_unique() - overlap.height
 
-    deletions_withheld = None
+    deletions_withheld = _deletions_withheld(mode, issues)
     deletes = pl.DataFrame(schema=CHANGES_SCHEMA)
-    if mode == "full":
-        unidentified = [i for i in issues if i.qualified_name is None or i.type_name is None]
-        if unidentified:
-            deletions_withheld = (
-                f"{len(unidentified)} line(s) without an identity: an absent entity may be one"
-                " of them, so no deletion is inferred from this batch"
+    if mode == "full" and deletions_withheld is None:
+        # Every row no line was recognised as was read: the absent ones are among them.
+        present = pl.concat(
+            [
+                recognised_rows,
+                found.get_column("snapshot_row"),
+                indexed.join(
+                    pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row"),
+                    on=IDENTITY,
+                ).get_column("snapshot_row"),
+            ]
+        )
+        deletes = (
+            indexed.filter(~pl.col("snapshot_row").is_in(present.implode()))
+            .with_columns(
+                op=pl.lit("delete"),
+                entity=pl.lit(None, pl.String),
+                missing=pl.lit(None, pl.String),
+                entity_row=pl.lit(None, pl.UInt32),
             )
-        else:
-            # Every row no line was recognised as was read: the absent ones are among them.
-            present = pl.concat(
-                [
-                    recognised_rows,
-                    found.get_column("snapshot_row"),
-                    indexed.join(
-                        pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row"),
-                        on=IDENTITY,
-                    ).get_column("snapshot_row"),
-                ]
-            )
-            deletes = (
-                indexed.filter(~pl.col("snapshot_row").is_in(present.implode()))
-                .with_columns(
-                    op=pl.lit("delete"),
-                    entity=pl.lit(None, pl.String),
-                    missing=pl.lit(None, pl.String),
-                    entity_row=pl.lit(None, pl.UInt32),
-                )
-                .select(list(CHANGES_SCHEMA))
-            )
+            .select(list(CHANGES_SCHEMA))
+        )
 
     # In plan order, and within a type rank in the order of the lines (whatever the parse held
     # or spilled): the plan step has nothing to sort (its copy was the larger part of a first
@@ -414,31 +414,66 @@ def diff_batch(
     )
 
 
-def read_changes(path: Path) -> tuple[pl.DataFrame, pl.LazyFrame]:
-    """A stored diff's changes (CHANGES_SCHEMA) without their JSON, references, hashes and
-    guids (FILLED), which stay in the file: ``entity_row`` is each row's place in it, and the
-    lazy frame reads them from there. Held, they were most of a first plan step's memory (the
-    references a third of it, the hashes and guids another). In the frame they are columns of
-    one null each, where a column of nulls took 16 bytes a row (80 MB each at 5M)."""
-    stored = pl.scan_parquet(path)
-    in_file = stored.select("type_name", "qualified_name", *FILLED)
-    if "missing" not in pl.read_parquet_schema(path):
-        # Stored before the parse checked required attributes: read whole, the plan checks
-        # the JSON.
-        return as_changes(stored.collect()), in_file
-    changes = (
-        stored.with_row_index("entity_row")
-        .select(pl.exclude(*FILLED))
-        .collect(engine="streaming")
-        .with_columns(pl.lit(None, CHANGES_SCHEMA[name]).alias(name) for name in FILLED)
+def _first_diff(
+    parsed: ParsedEntities, snapshot: SnapshotView, source: str, mode: Mode
+) -> DiffResult:
+    """A source's first batch, spilled (``parsed.spilled``): every entity it can publish is a
+    create, listed as the parse spilled them (in plan order), scanned from its files and never
+    held. (Held, a 5M first batch's rows took 1.1 GB of its diff step.)
+
+    Only the rows that may be isolated are read, and screened as a whole batch would be: those
+    that fail a test of their own (``row_tests``: source, namespace, type), and those whose
+    identity's 64-bit hash another row shares (8 bytes a row are held to find them). Rows
+    outside these pass every test, and their identities are each named once.
+    """
+    rows = parsed.scan()
+    suspect = pl.any_horizontal(failed for failed, _, _ in row_tests(source))
+    hashes = rows.select(identity_hash_64()).collect(engine="streaming").to_series().sort()
+    shared = hashes.filter(hashes == hashes.shift(1)).unique()
+    suspects = rows.filter(suspect | identity_hash_64().is_in(shared.implode()))
+    suspects = suspects.collect(engine="streaming")
+    kept, issues = screen(suspects, source, parsed.issues, parsed.entities)
+    dropped = suspects.join(kept, on="entity_row", how="anti").get_column("entity_row")
+    changes = rows.filter(~pl.col("entity_row").is_in(dropped.implode())) if dropped.len() else rows
+    return DiffResult(
+        source=source,
+        mode=mode,
+        changes=changes.with_columns(op=pl.lit("create"), guid=pl.lit(None, pl.String)).select(
+            list(CHANGES_SCHEMA)
+        ),
+        lines=parsed.lines,
+        valid_entities=rows.select(pl.len()).collect(engine="streaming").item(),
+        snapshot_entities=0,
+        issues=issues,
+        deletions_withheld=_deletions_withheld(mode, issues),
+        snapshot=snapshot,
+        entities=parsed.entities,
     )
-    return changes.select(list(CHANGES_SCHEMA)), in_file
 
 
-def as_changes(changes: pl.DataFrame) -> pl.DataFrame:
+def _deletions_withheld(mode: Mode, issues: list[EntityIssue]) -> str | None:
+    """Why a full batch infers no deletion: lines it could not identify (None: it does)."""
+    unidentified = [i for i in issues if i.qualified_name is None or i.type_name is None]
+    if mode != "full" or not unidentified:
+        return None
+    return (
+        f"{len(unidentified)} line(s) without an identity: an absent entity may be one of them,"
+        " so no deletion is inferred from this batch"
+    )
+
+
+def read_changes(path: Path) -> pl.LazyFrame:
+    """A stored diff's changes (CHANGES_SCHEMA), scanned: each use reads them from the file in a
+    stream, and none holds them. Held, a 5M first batch's took 748 MB of its plan step even
+    without their JSON, references and hashes (a 16-byte view for each of their strings)."""
+    return as_changes(pl.scan_parquet(path))
+
+
+def as_changes(changes: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | pl.LazyFrame:
     """Changes in CHANGES_SCHEMA: a frame of DIFF_SCHEMA without the parse's columns (from an
     older stored diff, or built by hand) gets them as not known."""
-    absent = [pl.lit(None, t).alias(n) for n, t in CHANGES_SCHEMA.items() if n not in changes]
+    present = changes.collect_schema().names()
+    absent = [pl.lit(None, t).alias(n) for n, t in CHANGES_SCHEMA.items() if n not in present]
     return changes.with_columns(absent).select(list(CHANGES_SCHEMA)) if absent else changes
 
 
@@ -472,28 +507,13 @@ def screen(
             )
         frame = frame.filter(~mask)
 
-    isolate(
-        pl.col("connection_qualified_name") != source,
-        "wrong_source",
-        f"belongs to connection {{connection_qualified_name}}, not to this batch's {source}",
-    )
-    isolate(
-        (pl.col("qualified_name") != source)
-        & ~pl.col("qualified_name").str.starts_with(source + "/"),
-        "wrong_source",
-        f"qualifiedName {{qualified_name}} lies outside the namespace of connection {source}",
-    )
-    isolate(
-        ~pl.col("type_name").is_in(list(TYPE_RANK)),
-        "unknown_type",
-        "typeName {type_name} is not a type this platform publishes",
-    )
+    for failed, reason, message in row_tests(source):
+        isolate(failed, reason, message)
     # Most batches name each identity once: then no identity is grouped, only their 64-bit
     # hashes are sorted (a window over a first batch's million identities took 250 MB, a hash
     # table of its hashes 100 MB, a struct of its identities 70 MB). A hash shared by two
     # identities only makes their rows candidates.
-    hashes = frame.select(pl.col("qualified_name").hash(1).xor(pl.col("type_name").hash(2)))
-    hashes = hashes.to_series()
+    hashes = frame.select(identity_hash_64()).to_series()
     ordered = hashes.sort()
     shared = ordered.filter(ordered == ordered.shift(1))
     if shared.len():
@@ -512,6 +532,34 @@ def screen(
         # Exact duplicates (same identity, same content) are harmless: keep the first.
         frame = frame.filter(pl.struct(IDENTITY).is_first_distinct())
     return frame, issues
+
+
+def row_tests(source: str) -> list[tuple[pl.Expr, str, str]]:
+    """What ``screen`` tests each row for on its own: where it fails, the reason, and the
+    message (formatted with the row's values)."""
+    name = pl.col("qualified_name")
+    return [
+        (
+            pl.col("connection_qualified_name") != source,
+            "wrong_source",
+            f"belongs to connection {{connection_qualified_name}}, not to this batch's {source}",
+        ),
+        (
+            (name != source) & ~name.str.starts_with(source + "/"),
+            "wrong_source",
+            f"qualifiedName {{qualified_name}} lies outside the namespace of connection {source}",
+        ),
+        (
+            ~pl.col("type_name").is_in(list(TYPE_RANK)),
+            "unknown_type",
+            "typeName {type_name} is not a type this platform publishes",
+        ),
+    ]
+
+
+def identity_hash_64() -> pl.Expr:
+    """A 64-bit hash of each row's identity: what finds the identities a batch names twice."""
+    return pl.col("qualified_name").hash(1).xor(pl.col("type_name").hash(2))
 
 
 def _protected_identities(issues: list[EntityIssue]) -> set[tuple[str, str]]:

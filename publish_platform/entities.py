@@ -384,10 +384,9 @@ def line_blocks(content: bytes | Iterable[bytes]) -> Iterator[Block]:
 
 @dataclass
 class ParsedEntities:
-    # The valid entities (ENTITY_SCHEMA). ``parse_files`` lists them by type rank, then in the
-    # order of the lines: the order of a plan's creates, so a first batch's diff lists them as
-    # they are (a sort copied them all).
-    frame: pl.DataFrame
+    # The valid entities (ENTITY_SCHEMA), when held; None for a spilled parse, whose ``rows``
+    # have them (``frame`` reads them back when first asked for).
+    held: pl.DataFrame | None
     issues: list[EntityIssue]
     lines: int
     last_sync_ms: int | None = None  # newest lastSyncRunAt: when the source was read
@@ -398,6 +397,32 @@ class ParsedEntities:
     # The spilled entity JSON, references and hashes (``spilled_entities``), when the parse
     # was given a folder.
     entities: pl.LazyFrame | None = None
+    # A spilled parse's files of parsed rows (``_spill_part``), in the order of ``frame``.
+    rows: list[Path] = field(default_factory=list)
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The valid entities (ENTITY_SCHEMA). ``parse_files`` lists them by type rank, then in
+        the order of the lines: the order of a plan's creates, so a first batch's diff lists
+        them as they are (a sort copied them all). A spilled parse's are read from its files
+        when first asked for, in one chunk (``_one_chunk``): a first batch's diff streams them
+        instead (``scan``), and holds none."""
+        if self.held is None:
+            self.held = _one_chunk(list(self.rows))
+        return self.held
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the rows wait in files (``rows``) and are not held (yet)."""
+        return self.held is None
+
+    def scan(self) -> pl.LazyFrame:
+        """``frame``, scanned: a spilled parse's rows are read from their files in a stream, and
+        those that wait in the spill (WAITING) are null."""
+        if self.held is not None:
+            return self.held.lazy()
+        waiting = [pl.lit(None, ENTITY_SCHEMA[name]).alias(name) for name in WAITING]
+        return pl.scan_ipc(self.rows).with_columns(waiting).select(list(ENTITY_SCHEMA))
 
 
 @dataclass
@@ -584,8 +609,11 @@ def parse_files(
     _return_freed_memory()
     in_rank_order = [part for rank in sorted(parts) for part in parts[rank]]
     parts.clear()
+    files = [part for part in in_rank_order if isinstance(part, Path)]
     return ParsedEntities(
-        frame=_one_chunk(in_rank_order),
+        # Spilled, the rows stay in their files until asked for (``frame``, ``scan``).
+        held=None if files else _one_chunk(in_rank_order),
+        rows=files,
         issues=issues,
         lines=total,
         last_sync_ms=last_sync_ms,
@@ -708,7 +736,7 @@ SLICED_CHUNK_ROWS = 4 * FILL_ROWS
 
 
 def with_entities(
-    frame: pl.DataFrame, entities: pl.LazyFrame | None, scratch: Path
+    frame: pl.DataFrame | pl.LazyFrame, entities: pl.LazyFrame | None, scratch: Path
 ) -> pl.LazyFrame:
     """``frame`` with the JSON and references (and whatever else of FILLED ``entities`` has) of
     each row that has an ``entity_row`` read from ``entities``, whose row ``entity_row`` is that
@@ -718,11 +746,30 @@ def with_entities(
     ``scratch``, which must outlive the frame returned (it scans them). A chunk is rows whose
     ``entity_row`` ascends within one window of FILL_ROWS rows of ``entities``, read by a
     slice: only that window is decoded. (A join, even streamed, buffered every entity.) A diff
-    (in plan order) reads its spill once per type rank; a plan reads its diff once.
+    (in plan order) reads its spill once per type rank; a plan reads its diff once. A scanned
+    frame (a first batch's diff) is filled as it streams, a batch of its rows at a time.
     """
-    if entities is None or frame.get_column("entity_row").null_count() == frame.height:
+    if entities is None:  # (a scanned frame, a stored diff's, has them all)
         return frame.lazy()
+    if isinstance(frame, pl.DataFrame):
+        if frame.get_column("entity_row").null_count() == frame.height:
+            return frame.lazy()
+        batches: Iterable[pl.DataFrame] = [frame]
+    else:
+        batches = frame.collect_batches(chunk_size=SLICED_CHUNK_ROWS, lazy=True)
     filled = [name for name in FILLED if name in entities.collect_schema()]
+    scratch.mkdir(parents=True, exist_ok=True)
+    parts: list[Path] = []
+    for batch in batches:
+        parts.extend(_filled(batch, entities, filled, scratch / f"{len(parts):08d}"))
+    return pl.scan_parquet(parts) if parts else frame.lazy()
+
+
+def _filled(
+    frame: pl.DataFrame, entities: pl.LazyFrame, filled: list[str], prefix: Path
+) -> Iterator[Path]:
+    """``frame`` filled (``with_entities``) a chunk at a time, each written to a file whose name
+    starts with ``prefix`` (in order)."""
     row = pl.col("entity_row")
     held = row.is_null()
     window = row // FILL_ROWS
@@ -740,14 +787,12 @@ def with_entities(
         .get_column("start")
         .to_list()
     )
-    scratch.mkdir(parents=True, exist_ok=True)
     # A slice keeps the string buffers of the chunks it falls in, and writing it goes through
     # them all: sliced, a frame of one large chunk (a parse's) took quadratic time to write, so
     # such a frame is gathered (copied) a part at a time. A frame of small chunks (read from a
     # stored diff: a chunk per row group) is sliced: at 5M rows, gathering its 251 chunks took
     # four times as long.
     sliced = _sliceable(frame)
-    parts = []
     for number, (start, stop) in enumerate(zip(starts, [*starts[1:], frame.height], strict=True)):
         chunk = (
             frame.slice(start, stop - start)
@@ -761,9 +806,9 @@ def with_entities(
             chunk = chunk.with_columns(
                 read.get_column(name).gather(wanted - first) for name in filled
             )
-        parts.append(scratch / f"{number:08d}.parquet")
-        chunk.write_parquet(parts[-1], compression="lz4")
-    return pl.scan_parquet(parts)
+        path = prefix.with_name(f"{prefix.name}-{number:08d}.parquet")
+        chunk.write_parquet(path, compression="lz4")
+        yield path
 
 
 def _sliceable(frame: pl.DataFrame) -> bool:

@@ -304,11 +304,19 @@ def run_plan(
 
     ``metastore`` resolves references to entities outside batch and snapshot; ``approval`` is an
     operator's go-ahead for a batch that the deletion-safety check would hold. The plan returned
-    has its operations without their JSON, references, hashes and guids (FILLED): those are
-    read from diff.parquet into plan.parquet in a stream (``read_plan`` has it all).
+    scans its operations, without their JSON, references, hashes and guids (FILLED), from a
+    local copy of plan.parquet that lives as long as it does (``read_plan`` has it all).
     """
-    with ScratchFolder("plan") as scratch:
-        return _run_plan(state, settings, partition_key, metastore, approval, scratch)
+    folder = ScratchFolder("plan")
+    try:
+        summary, plan, checks = _run_plan(
+            state, settings, partition_key, metastore, approval, folder.path
+        )
+    except BaseException:
+        folder.cleanup()
+        raise
+    plan.keep = folder
+    return summary, plan, checks
 
 
 def _run_plan(
@@ -342,9 +350,7 @@ def _run_plan(
     )
     plan = planned.plan
     write_plan(state, plan, planned.operations)
-    # Their JSON, references, hashes and guids are in files that go with the scratch folder:
-    # read_plan has them.
-    plan.operations, plan.entities = plan.operations.drop(FILLED), None
+    plan.operations = plan.operations.drop(FILLED)
     return summary, plan, planned.checks
 
 
@@ -371,10 +377,10 @@ def plan_diff(
     the changes ordered into a plan, its operations streamed with their JSON into a file in
     ``scratch``, and that file checked. ``exists`` finds references outside batch and snapshot
     in the metastore."""
-    changes, entities = read_changes(diff_file)
-    if changes.select((pl.col("op") == "unchanged").any()).item():
-        # Listed by earlier versions; a filter of the rest would copy a first batch whole.
-        changes = changes.filter(pl.col("op") != "unchanged")
+    # Scanned, not held: each pass the plan makes over the changes (their required attributes,
+    # references, order, counts) streams them from the file, and so does the plan's file.
+    # (Listed by earlier versions, unchanged entities are not operations.)
+    changes = read_changes(diff_file).filter(pl.col("op") != "unchanged")
     diff = DiffResult(
         source=summary.source or "",
         mode=summary.mode,
@@ -384,7 +390,6 @@ def plan_diff(
         snapshot_entities=snapshot.entities,
         deletions_withheld=summary.deletions_withheld,
         unchanged=summary.unchanged,
-        entities=entities,
     )
     plan = build_plan(
         diff,
@@ -402,9 +407,13 @@ def plan_diff(
         approval = approval.model_copy(update={"deletes": plan.header.deletes})
     operations = scratch / "plan.parquet"
     frame_parquet(plan.stored_operations(scratch / "plan-parts"), operations)
-    plan.header.plan_id = plan_id(summary.base_serial, pl.scan_parquet(operations))
+    # From here on the plan is its file (the same operations, with their JSON): what the checks
+    # and the plan id read.
+    stored = pl.scan_parquet(operations)
+    plan.operations = stored.with_columns(entity_row=pl.lit(None, pl.UInt32))
+    plan.header.plan_id = plan_id(summary.base_serial, stored)
     checking = time.perf_counter()
-    checks = evaluate_checks(plan, pl.scan_parquet(operations), snapshot, threshold, approval)
+    checks = evaluate_checks(plan, stored, snapshot, threshold, approval)
     checks_s = time.perf_counter() - checking
     if approval is not None and any(
         c.name == "deletion_safety" and "approved_by" in c.metadata for c in checks

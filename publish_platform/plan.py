@@ -106,7 +106,9 @@ class PlanHeader(BaseModel):
 @dataclass
 class Plan:
     header: PlanHeader
-    operations: pl.DataFrame  # PLAN_SCHEMA and entity_row, in execution order
+    # PLAN_SCHEMA and entity_row, in execution order: held, or (the plan step's) scanned from
+    # its file, never held whole.
+    operations: pl.DataFrame | pl.LazyFrame
     isolated: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ISOLATED_SCHEMA))
     # Lazy: a first batch's million new edges are counted and checked in a stream, not held.
     edges_added: pl.LazyFrame = field(default_factory=lambda: pl.LazyFrame(schema=EDGE_SCHEMA))
@@ -114,6 +116,8 @@ class Plan:
     # Where the JSON, references and hashes of operations with an ``entity_row`` are (the
     # diff's ``entities``).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
+    # What must live as long as the plan: the folder of the file its operations are scanned from.
+    keep: object = field(default=None, repr=False)
 
     def stored_operations(self, scratch: Path) -> pl.LazyFrame:
         """The operations with their JSON, references and hashes (PLAN_SCHEMA), as stored: filled a
@@ -142,7 +146,8 @@ def build_plan(
         raise ValueError("a plan of a diff with unchanged entities needs the diff's snapshot")
     snapshot = as_view(snapshot if snapshot is not None else pl.DataFrame(schema=DIFF_SCHEMA))
     upserts = changes.filter(pl.col("op").is_in(["create", "update"]))
-    deletes = changes.filter(pl.col("op") == "delete")
+    # Held: as many as the snapshot has rows at most, and most batches have few.
+    deletes = _held(changes.filter(pl.col("op") == "delete"))
 
     upserts, isolated_required = _isolate_missing_required(upserts)
     references = _references(upserts, diff.entities)
@@ -168,19 +173,23 @@ def build_plan(
     ordered = upserts
     if deletes.height:  # (a first batch has none: no concat, which copied its creates)
         ordered = pl.concat(
-            [upserts, deletes],
+            [upserts, _like(deletes.lazy(), upserts)],
             how="vertical",
             rechunk=True,  # later gathers then share the entity JSON instead of copying it
         )
-    if not ordered.select(plan_order().is_sorted()).item():  # (a diff lists them in order)
+    # (A diff lists them in order. Each change's place is a byte: a stream of them is checked,
+    # not the operations and type names they are computed from.)
+    if not _held(ordered.lazy().select(plan_order())).to_series().is_sorted():
         ordered = ordered.sort(plan_order(), maintain_order=True)
     operations = ordered.with_row_index("seq").select(pl.col("seq").cast(pl.Int64), *CHANGES_SCHEMA)
     added, removed, counts = _relationship_changes(operations, references, snapshot, edges)
 
     op = pl.col("op")
     # Counted, not filtered: a filter copies the rows it counts.
-    creates, updates = operations.select(
-        (op == "create").sum().alias("creates"), (op == "update").sum().alias("updates")
+    creates, updates = _held(
+        operations.lazy().select(
+            (op == "create").sum().alias("creates"), (op == "update").sum().alias("updates")
+        )
     ).row(0)
     header = PlanHeader(
         partition_key=partition_key,
@@ -192,7 +201,9 @@ def build_plan(
         updates=updates,
         deletes=deletes.height,
         unchanged=diff.count("unchanged"),
-        batch_entities=changes.height - deletes.height + diff.unchanged,
+        batch_entities=_held(changes.lazy().select(pl.len())).item()
+        - deletes.height
+        + diff.unchanged,
         snapshot_entities=diff.snapshot_entities,
         isolated=diff.isolated + isolated.height,
         isolated_by_plan=isolated.height,
@@ -222,6 +233,18 @@ def plan_id(base_serial: int, operations: pl.LazyFrame) -> str:
     return digest.hexdigest()
 
 
+def _held(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    """A frame in memory: a lazy one collected in a stream (what it selects of a scanned diff
+    is read a part at a time)."""
+    return frame.collect(engine="streaming") if isinstance(frame, pl.LazyFrame) else frame
+
+
+def _like(frame: pl.LazyFrame, like: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | pl.LazyFrame:
+    """``frame`` held if ``like`` is, else lazy: a plan of held changes holds its operations,
+    a plan of a scanned diff scans them."""
+    return frame if isinstance(like, pl.LazyFrame) else frame.collect()
+
+
 def _isolated(frame: pl.DataFrame, reason: str, message: pl.Expr) -> pl.DataFrame:
     return frame.select(*IDENTITY, reason=pl.lit(reason), message=message)
 
@@ -238,14 +261,17 @@ def missing_in_json(entities: pl.Series) -> pl.Series:
     return pl.Series(found, dtype=pl.String)
 
 
-def _isolate_missing_required(upserts: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _isolate_missing_required(
+    upserts: pl.DataFrame | pl.LazyFrame,
+) -> tuple[pl.DataFrame | pl.LazyFrame, pl.DataFrame]:
     marked = upserts
-    if marked.get_column("missing").null_count():
-        unknown = missing_in_json(marked.get_column("entity"))
+    if _held(marked.lazy().select(pl.col("missing").null_count())).item():
+        # Not known (an older diff's rows): their JSON is read, a batch of rows at a time.
+        unknown = pl.col("entity").map_batches(missing_in_json, return_dtype=pl.String)
         marked = marked.with_columns(pl.col("missing").fill_null(unknown))
     # Still not known: a line recognised as its snapshot row, whose JSON is not read.
     marked = marked.with_columns(pl.col("missing").fill_null(""))
-    bad = marked.filter(pl.col("missing") != "")
+    bad = _held(marked.filter(pl.col("missing") != ""))
     isolated = _isolated(
         bad,
         "missing_required_attribute",
@@ -256,7 +282,7 @@ def _isolate_missing_required(upserts: pl.DataFrame) -> tuple[pl.DataFrame, pl.D
 
 def _known_identities(
     targets: pl.DataFrame,
-    changes: pl.DataFrame,
+    changes: pl.DataFrame | pl.LazyFrame,
     snapshot: SnapshotView,
     deletes: pl.DataFrame,
     isolated: pl.DataFrame,
@@ -275,7 +301,9 @@ def _known_identities(
     )
 
 
-def _named_by(changes: pl.DataFrame, rows: pl.Expr, identities: pl.DataFrame) -> pl.DataFrame:
+def _named_by(
+    changes: pl.DataFrame | pl.LazyFrame, rows: pl.Expr, identities: pl.DataFrame
+) -> pl.DataFrame:
     """Those of ``identities`` (few) that ``changes`` has a row of among ``rows``. The batch
     streams past them: an eager join hashed every identity of a first batch (120 MB at 1M)."""
     return (
@@ -323,13 +351,13 @@ def _edges(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _isolate_dangling(
-    upserts: pl.DataFrame,
+    upserts: pl.DataFrame | pl.LazyFrame,
     references: pl.LazyFrame,
     targets: pl.DataFrame,
     known: pl.DataFrame,
     exists: ExistsLookup | None,
     doomed: pl.DataFrame,
-) -> tuple[pl.DataFrame, pl.DataFrame, pl.LazyFrame]:
+) -> tuple[pl.DataFrame | pl.LazyFrame, pl.DataFrame, pl.LazyFrame]:
     """Isolate entities whose ``references`` (to the identities ``targets``) resolve
     nowhere, until nothing new dangles. Returns the upserts and the references left, and the
     isolated entities.
@@ -350,7 +378,7 @@ def _isolate_dangling(
         return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA), references
     refs = references.collect()
     dangling = refs.join(known, on=IDENTITY, how="anti")
-    creates = upserts.filter(pl.col("op") == "create").select(IDENTITY)
+    creates = _held(upserts.lazy().filter(pl.col("op") == "create").select(IDENTITY))
     isolated_parts = []
     while dangling.height:
         first = dangling.group_by("from_type", "from_qualified_name", maintain_order=True).first()
@@ -381,17 +409,22 @@ def _isolate_dangling(
         known = known.join(gone.join(creates, on=IDENTITY, how="semi"), on=IDENTITY, how="anti")
         dangling = refs.join(known, on=IDENTITY, how="anti")
     isolated = pl.concat(isolated_parts, how="vertical")
-    kept = upserts.join(isolated.select(IDENTITY), on=IDENTITY, how="anti")
-    return kept, isolated, refs.lazy()
+    kept = upserts.lazy().join(isolated.select(IDENTITY).lazy(), on=IDENTITY, how="anti")
+    return _like(kept, upserts), isolated, refs.lazy()
 
 
 def _relationship_changes(
-    operations: pl.DataFrame, new: pl.LazyFrame, snapshot: SnapshotView, new_count: int | None
+    operations: pl.DataFrame | pl.LazyFrame,
+    new: pl.LazyFrame,
+    snapshot: SnapshotView,
+    new_count: int | None,
 ) -> tuple[pl.LazyFrame, pl.LazyFrame, tuple[int, int, int]]:
     """Edges added and removed by the plan (``new``: the references of its upserts, ``new_count``
     of them if known), and how many are added, removed, and how many (from, attribute) pairs
     re-point."""
-    old = _references(snapshot.rows_of(operations.select(IDENTITY))).collect()
+    old = pl.DataFrame(schema=EDGE_SCHEMA)
+    if snapshot.entities:  # (a source's first batch has no snapshot: its identities not held)
+        old = _references(snapshot.rows_of(_held(operations.lazy().select(IDENTITY)))).collect()
     if not old.height:  # a source's first batch: every edge is new, counted in a stream
         return new, old.lazy(), (new_count if new_count is not None else _count(new), 0, 0)
     # The edges of the entities the plan changes: as many as it has upserts, no more.
@@ -408,16 +441,16 @@ def _count(frame: pl.LazyFrame) -> int:
 
 def preview(plan: Plan, limit: int = 20) -> str:
     """A short Markdown table of the first operations, for the Dagster UI."""
-    ops = plan.operations.head(limit)
+    ops = _held(plan.operations.lazy().head(limit))
     lines = ["| # | op | type | qualifiedName |", "|---|---|---|---|"]
     for row in ops.iter_rows(named=True):
         lines.append(
             f"| {row['seq']} | {row['op']} | {row['type_name']} | `{row['qualified_name']}` |"
         )
-    more = plan.operations.height - ops.height
+    more = plan.header.operations - ops.height
     if more > 0:
         lines.append(f"| … | {more} more | | |")
-    if plan.operations.height == 0:
+    if plan.header.operations == 0:
         lines.append("| | nothing to do | | |")
     header = plan.header
     lines.append("")
@@ -584,7 +617,11 @@ def check_references(plan: Plan, snapshot: pl.DataFrame | SnapshotView) -> Check
 
 def check_required_attributes(plan: Plan) -> CheckOutcome:
     """No planned entity lacks qualifiedName, name or connection; reports what was isolated."""
-    lacking = plan.operations.filter((pl.col("op") != "delete") & (pl.col("missing") != ""))
+    lacking = _held(
+        plan.operations.lazy()
+        .filter((pl.col("op") != "delete") & (pl.col("missing") != ""))
+        .select(IDENTITY)
+    )
     isolated = plan.isolated.filter(pl.col("reason") == "missing_required_attribute")
     return CheckOutcome(
         name="required_attributes",

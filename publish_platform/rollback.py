@@ -73,7 +73,7 @@ def rollback(
     target = state.read_snapshot(source, to_serial)
     base = state.read_snapshot(source, current.serial, payload=False)
     parsed = ParsedEntities(
-        frame=target.select(
+        held=target.select(
             "type_name",
             "qualified_name",
             pl.lit(source).alias("connection_qualified_name"),

@@ -70,7 +70,7 @@ def test_poison_entity_among_500_leaves_499_published_and_1_reported(
     land_batch(s3, settings, SECOND, batch, source_timestamp="2026-01-02T00:00:00Z")
     diff, plan, _, retried = run_batch(s3, state, settings, catalog, SECOND)
     assert (diff.creates, diff.unchanged, diff.deletes) == (1, 499, 0)
-    assert plan.operations["qualified_name"].to_list() == [POISON]
+    assert plan.operations.collect()["qualified_name"].to_list() == [POISON]
     assert (retried.succeeded, retried.failed) == (0, 1)
     assert catalog.versions(SOURCE) == versions
 

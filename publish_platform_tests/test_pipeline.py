@@ -78,9 +78,10 @@ def test_first_publish_of_the_real_run(s3, state, settings, catalog):
     }
     stored = read_plan(state, key)
     assert stored.header == plan.header
-    # The plan step returns its operations without their JSON, references, hashes and guids,
-    # which it streamed into the stored plan: every planned entity's, as the fixture has them.
-    assert stored.operations.drop(FILLED).equals(plan.operations.drop("entity_row"))
+    # The plan step returns its operations (scanned from its copy of the stored plan) without
+    # their JSON, references, hashes and guids, which it streamed into the stored plan: every
+    # planned entity's, as the fixture has them.
+    assert stored.operations.drop(FILLED).equals(plan.operations.drop("entity_row").collect())
     by_name = {e["attributes"]["qualifiedName"]: e for e in upstream_entities()}
     stored_rows = stored.operations.select("qualified_name", "entity", "references").rows()
     for name, stored_json, references in stored_rows:
@@ -114,7 +115,7 @@ def test_unchanged_second_landing_writes_nothing(s3, state, settings, catalog):
 
     assert diff.outcome == "diffed" and diff.base_serial == 1
     assert (diff.creates, diff.updates, diff.deletes, diff.unchanged) == (0, 0, 0, 38)
-    assert plan.operations.height == 0 and plan.header.operations == 0
+    assert plan.operations.collect().height == 0 and plan.header.operations == 0
     assert all(check.passed for check in checks)
     assert result.outcome == "nothing_to_publish" and result.serial == 1
     assert catalog.versions() == versions  # not a single metastore write
@@ -214,7 +215,7 @@ def test_deletes_and_updates_flow_through_to_the_catalog(s3, state, settings, ca
     diff, plan, checks, result = publish(s3, state, settings, catalog, SECOND_RUN.partition_key)
 
     assert (diff.deletes, diff.unchanged) == (3, 35)
-    assert [row["op"] for row in plan.operations.iter_rows(named=True)] == ["delete"] * 3
+    assert [row["op"] for row in plan.operations.collect().iter_rows(named=True)] == ["delete"] * 3
     assert next(c for c in checks if c.name == "deletion_safety").passed
     assert result.serial == 2 and result.snapshot_entities == 35
     assert len(list(catalog.dump(UPSTREAM_SOURCE))) == 35
@@ -231,7 +232,7 @@ def test_batch_with_a_bad_checksum_is_quarantined_and_never_published(s3, state,
     assert diff.outcome == "quarantined"
     assert [p["kind"] for p in diff.problems] == ["checksum_mismatch"]
     _, plan, checks = run_plan(state, settings, key)
-    assert plan.operations.height == 0 and all(c.passed for c in checks)
+    assert plan.operations.collect().height == 0 and all(c.passed for c in checks)
     assert run_publish(state, settings, catalog, key).outcome == "not_publishable"
     assert catalog.versions() == {}
     assert state.current_serial(UPSTREAM_SOURCE) == 0

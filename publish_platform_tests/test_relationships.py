@@ -159,7 +159,7 @@ def test_dangling_references_are_isolated_and_the_rest_publishes(s3, state, sett
     child = isolated[("Column", q("db/s/orphan/p/c"))]["message"]
     assert f"tablePartition references TablePartition {q('db/s/orphan/p')}" in child
     assert ("Database", q("db")) not in isolated  # its target exists in the metastore
-    assert set(plan.operations.select("type_name", "qualified_name").rows()) == (
+    assert set(plan.operations.select("type_name", "qualified_name").collect().rows()) == (
         identities(batch) - ISOLATED
     )
     assert plan.header.isolated_by_plan == 4 and plan.header.isolated == 4

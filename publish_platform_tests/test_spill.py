@@ -32,17 +32,20 @@ def plans_both_ways(batch: list[tuple[str, bytes]], snapshot: pl.DataFrame, fold
     in_memory = build_plan(diff_batch(held, snapshot, UPSTREAM_SOURCE, "full"), PK, 1)
 
     parsed = parse_files(batch, VOLATILE, known_raw=known, spill=folder / "entities")
+    assert parsed.spilled  # not held: a first batch's diff streams them from their files
+    diff = diff_batch(parsed, snapshot, UPSTREAM_SOURCE, "full")
+    assert isinstance(diff.changes, pl.LazyFrame) == (not snapshot.height)
     spilled_rows = parsed.frame.get_column("entity_row").is_not_null().sum()
     # Past the threshold every row is spilled, the ones held until then too.
     assert spilled_rows == parsed.frame.height == parsed.frame.get_column("entity").null_count()
     for waiting in ("references", "hash", "raw_hash"):  # with the JSON
         assert parsed.frame.get_column(waiting).null_count() == spilled_rows
     assert len(list((folder / "entities" / "rows").iterdir())) > 1  # the parsed rows, too
-    diff = diff_batch(parsed, snapshot, UPSTREAM_SOURCE, "full")
     stored = folder / "diff.parquet"
     frame_parquet(diff.stored_changes(folder / "diff-parts"), stored)
-    changes, entities = read_changes(stored)
-    spilled = build_plan(dataclasses.replace(diff, changes=changes, entities=entities), PK, 1)
+    # As the plan step does: the changes scanned from the file, which has their JSON.
+    changes = read_changes(stored)
+    spilled = build_plan(dataclasses.replace(diff, changes=changes, entities=None), PK, 1)
     return in_memory, spilled
 
 
@@ -141,8 +144,7 @@ def test_a_diff_stored_before_the_parse_checked_required_attributes_is_planned(t
     stored = tmp_path / "diff.parquet"
     diff.changes.drop("missing", "entity_row").write_parquet(stored)
 
-    changes, entities = read_changes(stored)
-    plan = build_plan(dataclasses.replace(diff, changes=changes, entities=entities), PK, 0)
+    plan = build_plan(dataclasses.replace(diff, changes=read_changes(stored), entities=None), PK, 0)
     assert plan.isolated.select("qualified_name", "reason").rows() == [
         (lacking["attributes"]["qualifiedName"], "missing_required_attribute")
     ]

@@ -150,7 +150,7 @@ def test_a_mismatch_found_only_after_streaming_quarantines_and_publishes_nothing
     assert (diff.lines, diff.creates) == (0, 0)  # what was parsed is discarded
     assert read_diff(state, RUN.partition_key)[1].height == 0
     _, plan, _ = run_plan(state, settings, RUN.partition_key)
-    assert plan.operations.height == 0
+    assert plan.operations.collect().height == 0
     assert run_publish(state, settings, catalog, RUN.partition_key).outcome == "not_publishable"
     assert catalog.versions() == versions
     assert state.current_serial(SOURCE) == 1
