@@ -540,6 +540,7 @@ def run_publish(
             retry_tiers(),
             on_retry,
             source,
+            spill=folder / "results",
         )
         serial = current + 1
         rows = scan_snapshot(base, payload=True) if base else empty_snapshot()
@@ -552,7 +553,9 @@ def run_publish(
             .collect(engine="streaming")
             .row(0)
         )
-        failed = outcome.results.filter(~pl.col("ok")).head(ISSUE_PREVIEW)
+        # (Read while the results' files are there: they go with the folder.)
+        result.succeeded, result.failed = outcome.succeeded, outcome.failed
+        failed = outcome.results.lazy().filter(~pl.col("ok")).head(ISSUE_PREVIEW).collect()
         result.failures_preview = (
             operations.filter(pl.col("seq").is_in(failed.get_column("seq").implode()))
             .select("seq", "type_name", "qualified_name")
@@ -576,8 +579,6 @@ def run_publish(
     result.outcome = "published"
     result.serial = serial
     result.snapshot_key = state.url(snapshot_key)
-    result.succeeded = outcome.succeeded
-    result.failed = outcome.failed
     result.requests = outcome.requests
     result.split_chunks = outcome.split_chunks
     result.resumed = outcome.resumed

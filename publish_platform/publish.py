@@ -11,6 +11,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import polars as pl
@@ -41,7 +42,9 @@ RetryObserver = Callable[[int, Exception], None]
 
 @dataclass
 class PublishOutcome:
-    results: pl.DataFrame  # RESULT_SCHEMA, one row per operation
+    # RESULT_SCHEMA, one row per operation: held, or scanned from the files a publish given a
+    # folder wrote them to (``execute_plan``)
+    results: pl.DataFrame | pl.LazyFrame
     requests: int = 0
     split_chunks: int = 0
     resumed: int = 0  # operations already applied by an earlier, interrupted attempt
@@ -51,11 +54,18 @@ class PublishOutcome:
 
     @property
     def failed(self) -> int:
-        return self.results.height - self.succeeded
+        return self._counts()[0] - self.succeeded
 
     @property
     def succeeded(self) -> int:
-        return int(self.results.get_column("ok").sum())  # counted: a filter copies the rows
+        return self._counts()[1]
+
+    def _counts(self) -> tuple[int, int]:
+        """Results, and those that succeeded: counted, not filtered (a filter copies the rows),
+        and in a stream if they are files."""
+        counted = self.results.lazy().select(pl.len(), pl.col("ok").sum())
+        total, ok = counted.collect(engine="streaming").row(0)
+        return int(total), int(ok or 0)
 
 
 class Checkpoint(Protocol):
@@ -81,19 +91,32 @@ def execute_plan(
     tiers: RetryTiers | None = None,
     on_retry: RetryObserver | None = None,
     source: str | None = None,
+    spill: Path | None = None,
 ) -> PublishOutcome:
     """Apply every operation not already recorded in ``checkpoint``; return all results.
 
     ``operations``: the plan, in memory or scanned from its file (then read a part at a time).
     ``source``: the batch's connection, which every entity of its plan belongs to (screened by
-    the diff); it saves the metastore reading it out of each entity.
+    the diff); it saves the metastore reading it out of each entity. ``spill``: a folder the
+    results are written to, a part of the plan's at a time, and scanned from: held, they took
+    about 60 bytes an operation (its guid, 36 characters, the most), 300 MB at 5M.
     """
     started = time.perf_counter()
-    outcome = PublishOutcome(results=pl.DataFrame(schema=RESULT_SCHEMA))
-    previous = checkpoint.done() if checkpoint is not None else outcome.results
-    outcome.resumed = previous.height
+    previous = checkpoint.done() if checkpoint is not None else pl.DataFrame(schema=RESULT_SCHEMA)
+    outcome = PublishOutcome(results=previous, resumed=previous.height)
     recorded = previous.get_column("seq").implode()
     parts = [previous]
+    written: list[Path] = []
+
+    def let_wait() -> None:
+        """The results so far to a file of the spill: held no longer."""
+        if spill is None or not any(part.height for part in parts):
+            return
+        spill.mkdir(parents=True, exist_ok=True)
+        written.append(spill / f"{len(written):08d}.parquet")
+        pl.concat(parts, how="vertical").write_parquet(written[-1], compression="lz4")
+        parts.clear()
+
     done = previous.height
     total = _height(operations)
     tiers = tiers or RetryTiers()
@@ -116,7 +139,13 @@ def execute_plan(
             done += chunk.height
             if progress is not None:
                 progress(done, total)
-    outcome.results = _in_plan_order(pl.concat(parts, how="vertical"))
+        let_wait()
+    let_wait()
+    if written:
+        outcome.results = pl.scan_parquet(written)
+    else:
+        outcome.results = pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *parts], how="vertical")
+    outcome.results = _in_plan_order(outcome.results)
     outcome.duration_s = time.perf_counter() - started
     return outcome
 
@@ -131,10 +160,11 @@ def _errors(results: Sequence[WriteResult]) -> list[dict]:
     ]
 
 
-def _in_plan_order(results: pl.DataFrame) -> pl.DataFrame:
+def _in_plan_order(results: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | pl.LazyFrame:
     """Results by seq; as they usually are already, then not copied (a copy is 60 bytes a row:
-    300 MB at 5M operations)."""
-    if results.get_column("seq").is_sorted():
+    300 MB at 5M operations). (Out of order, after a resumed publish, they are sorted.)"""
+    seq = results.lazy().select("seq").collect(engine="streaming").to_series()
+    if seq.is_sorted():
         return results
     return results.sort("seq", maintain_order=True)
 
@@ -309,7 +339,7 @@ def _apply(
 def next_snapshot(
     base: pl.DataFrame | pl.LazyFrame,
     operations: pl.DataFrame | pl.LazyFrame,
-    results: pl.DataFrame,
+    results: pl.DataFrame | pl.LazyFrame,
 ) -> pl.LazyFrame:
     """The base snapshot with every successful operation applied, and no failed one: the base's
     rows in their order, less those the plan changed, then the plan's rows in plan order (the
@@ -319,8 +349,10 @@ def next_snapshot(
     ``results``: one per operation (``execute_plan``'s). Each is set beside its operation by
     position, not joined: a streamed join buffered every entity of the plan."""
     results = _in_plan_order(results)
-    if not operations.lazy().select("seq").collect().to_series().equals(results.get_column("seq")):
+    planned = operations.lazy().select("seq").collect(engine="streaming").to_series()
+    if not planned.equals(results.lazy().select("seq").collect(engine="streaming").to_series()):
         raise ValueError("the results are not one per operation of the plan, in its order")
+    del planned
     outcomes = results.lazy().select(pl.col("ok").alias("_ok"), pl.col("guid").alias("_guid"))
     applied = pl.concat([operations.lazy(), outcomes], how="horizontal").filter(pl.col("_ok"))
     kept = base.lazy()

@@ -241,7 +241,7 @@ class RecordingMetastore(PoisonMetastore):
         return results
 
 
-def test_an_interrupted_execution_resumes_in_plan_order_from_its_checkpoint(catalog):
+def test_an_interrupted_execution_resumes_in_plan_order_from_its_checkpoint(catalog, tmp_path):
     plan = first_plan()
     checkpoint = MemoryCheckpoint()
     poison = plan.operations["qualified_name"][-1]  # past what is applied before it dies
@@ -255,11 +255,15 @@ def test_an_interrupted_execution_resumes_in_plan_order_from_its_checkpoint(cata
     assert recorded.filter(~pl.col("ok")).height == 0
 
     resumed = RecordingMetastore(catalog, {poison})
-    outcome = execute_plan(plan.operations, resumed, chunk_size=8, checkpoint=checkpoint)
+    # (Its results written to files, the resumed ones first, as the publish step does.)
+    outcome = execute_plan(
+        plan.operations, resumed, chunk_size=8, checkpoint=checkpoint, spill=tmp_path / "results"
+    )
 
     assert outcome.resumed == done
     order = plan.operations["qualified_name"].to_list()
     assert resumed.applied == [q for q in order[done:] if q != poison]  # the rest, in order
+    outcome.results = outcome.results.lazy().collect()
     assert outcome.results["seq"].to_list() == plan.operations["seq"].to_list()
     assert (outcome.succeeded, outcome.failed) == (37, 1)
     assert checkpoint.done().height == 38
@@ -350,9 +354,10 @@ def test_references_travel_with_their_entity_through_splits_and_resumes(catalog)
 def test_a_stored_plan_is_executed_a_part_at_a_time_as_it_would_be_whole(
     tmp_path, catalog, monkeypatch
 ):
-    """The publish step reads its plan from the file in parts (so its memory does not grow
-    with the plan): entities, references, results and the next snapshot are what the plan in
-    memory gives, and a failure in one part is isolated as in one plan."""
+    """The publish step reads its plan from the file in parts, and writes the results of each
+    part to a file (so its memory does not grow with the plan): entities, references, results
+    and the next snapshot are what the plan in memory gives, and a failure in one part is
+    isolated as in one plan."""
     monkeypatch.setattr(publish, "PLAN_PART_ROWS", 12)  # parts of 10 operations: 2 chunks of 5
     read: list[int] = []
     parts_of = publish._plan_parts
@@ -369,11 +374,20 @@ def test_a_stored_plan_is_executed_a_part_at_a_time_as_it_would_be_whole(
     whole, parted = EntityByEntityMetastore(), EntityByEntityMetastore()
 
     expected = execute_plan(plan.operations, whole, chunk_size=5, source=UPSTREAM_SOURCE)
-    outcome = execute_plan(pl.scan_parquet(stored), parted, chunk_size=5, source=UPSTREAM_SOURCE)
+    outcome = execute_plan(
+        pl.scan_parquet(stored),
+        parted,
+        chunk_size=5,
+        source=UPSTREAM_SOURCE,
+        spill=tmp_path / "results",
+    )
 
     assert read == [10, 10, 10, 8] + [10, 10, 10, 8]  # the plan in memory is sliced alike
     assert parted.seen == whole.seen and len(parted.seen) == 38
-    assert outcome.results.equals(expected.results)
+    assert isinstance(outcome.results, pl.LazyFrame)  # a file a part: none held
+    assert len(list((tmp_path / "results").iterdir())) == 4
+    assert outcome.results.collect().equals(expected.results)
+    assert (outcome.succeeded, outcome.failed) == (38, 0)
     assert (
         next_snapshot(empty_snapshot(), pl.scan_parquet(stored), outcome.results)
         .collect(engine="streaming")
@@ -381,7 +395,12 @@ def test_a_stored_plan_is_executed_a_part_at_a_time_as_it_would_be_whole(
     )
 
     poison = qn("sales/orders/amount")
-    isolated = execute_plan(pl.scan_parquet(stored), PoisonMetastore(catalog, {poison}), 5)
+    isolated = execute_plan(
+        pl.scan_parquet(stored),
+        PoisonMetastore(catalog, {poison}),
+        5,
+        spill=tmp_path / "isolated-results",
+    )
     assert (isolated.succeeded, isolated.failed) == (37, 1)
     assert isolated.errors[0]["qualified_name"] == poison
 
