@@ -533,8 +533,8 @@ def parse_files(
     are listed in ``unchanged`` with their snapshot row, and not parsed. ``spill``: a folder the
     entity JSON, references and hashes are written to, a block at a time (``entities``),
     once the batch's JSON passes HELD_JSON_BYTES (then the blocks held until then too); each
-    block's parsed rows are written there as well (``rows/``), and read back into the frame at
-    the end (``_one_chunk``).
+    block's parsed rows are written there as well (``rows/``), and stay there until asked for
+    (``ParsedEntities.frame``, ``ParsedEntities.scan``).
     """
     volatile_set = frozenset(volatile)
     hasher = RawHasher(volatile_set)
