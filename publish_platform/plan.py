@@ -376,12 +376,23 @@ def _isolate_dangling(
     if not targets.join(known, on=IDENTITY, how="anti").height:
         # The usual case: nothing dangles, nothing to take out (a join would copy it all).
         return upserts, pl.DataFrame(schema=ISOLATED_SCHEMA), references
-    refs = references.collect()
-    dangling = refs.join(known, on=IDENTITY, how="anti")
-    creates = _held(upserts.lazy().filter(pl.col("op") == "create").select(IDENTITY))
+    # Streamed, each round: only the references that dangle are held, not the table of every
+    # edge (590 MB at 5M), nor the identities of every create.
+    source = ["from_type", "from_qualified_name"]
+    isolated_from = pl.DataFrame(schema={name: pl.String for name in source})
+
+    # (Filters, not anti-joins: a streamed join kept in order buffered every edge.)
+    def left(refs: pl.LazyFrame) -> pl.LazyFrame:
+        """``refs`` less those of the entities isolated so far."""
+        return refs.filter(~_among(source, isolated_from))
+
+    def dangling_of(refs: pl.LazyFrame) -> pl.DataFrame:
+        return refs.filter(~_among(IDENTITY, known)).collect(engine="streaming")
+
+    dangling = dangling_of(references)
     isolated_parts = []
     while dangling.height:
-        first = dangling.group_by("from_type", "from_qualified_name", maintain_order=True).first()
+        first = dangling.group_by(*source, maintain_order=True).first()
         isolated_parts.append(
             first.select(
                 pl.col("from_type").alias("type_name"),
@@ -396,21 +407,29 @@ def _isolate_dangling(
                 ),
             )
         )
+        isolated_from = pl.concat([isolated_from, first.select(source)], how="vertical")
+        # A new entity that is isolated will not exist: what references it dangles in turn.
         gone = first.select(
             pl.col("from_type").alias("type_name"),
             pl.col("from_qualified_name").alias("qualified_name"),
         )
-        refs = refs.join(
-            gone.rename({"type_name": "from_type", "qualified_name": "from_qualified_name"}),
-            on=["from_type", "from_qualified_name"],
-            how="anti",
+        new_gone = (
+            upserts.lazy()
+            .filter((pl.col("op") == "create") & _among(IDENTITY, gone))
+            .select(IDENTITY)
+            .collect(engine="streaming")
         )
-        # A new entity that is isolated will not exist: what references it dangles in turn.
-        known = known.join(gone.join(creates, on=IDENTITY, how="semi"), on=IDENTITY, how="anti")
-        dangling = refs.join(known, on=IDENTITY, how="anti")
+        known = known.join(new_gone, on=IDENTITY, how="anti")
+        dangling = dangling_of(left(references))
     isolated = pl.concat(isolated_parts, how="vertical")
-    kept = upserts.lazy().join(isolated.select(IDENTITY).lazy(), on=IDENTITY, how="anti")
-    return _like(kept, upserts), isolated, refs.lazy()
+    kept = upserts.lazy().filter(~_among(IDENTITY, isolated.select(IDENTITY)))
+    return _like(kept, upserts), isolated, left(references)
+
+
+def _among(columns: list[str], rows: pl.DataFrame) -> pl.Expr:
+    """Whether a row's ``columns`` are one of ``rows`` (few, whose columns have those names):
+    a filter keeps the order of what it streams, where a join kept in order buffered it all."""
+    return pl.struct(columns).is_in(rows.select(pl.struct(columns)).to_series().implode())
 
 
 def _relationship_changes(

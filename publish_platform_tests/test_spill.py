@@ -16,7 +16,7 @@ from publish_platform.entities import REFERENCES, parse_files, with_entities
 from publish_platform.plan import PLAN_SCHEMA, build_plan
 from publish_platform.state import empty_snapshot, frame_parquet
 
-from .support import UPSTREAM_SOURCE, VOLATILE, entity, jsonl, upstream_data
+from .support import UPSTREAM_SOURCE, VOLATILE, entity, jsonl, upstream_data, upstream_entities
 from .test_diff_plan import PK, modified_fixture, published
 
 
@@ -89,6 +89,31 @@ def test_a_later_batch_spilled_plans_as_one_held_in_memory(tmp_path, small_block
     assert (header.creates, header.updates, header.deletes) == (1, 1, 1)
     assert header.isolated_by_plan == 1
     assert spilled.isolated.equals(in_memory.isolated)
+    expected = in_memory.operations.select(list(PLAN_SCHEMA))
+    assert spilled.stored_operations(tmp_path / "parts").collect().equals(expected)
+
+
+def test_a_first_batch_spilled_isolates_dangling_references_as_one_held(tmp_path, small_blocks):
+    """What dangles is found by streaming the references past the few targets that resolve
+    nowhere: the same entities are isolated, the rest planned in the same order."""
+    batch = [*upstream_entities()]
+    missing_schema = f"{UPSTREAM_SOURCE}/shopdb/ghost"
+    orphan = entity(
+        "Table",
+        "shopdb/ghost/orphan",
+        source=UPSTREAM_SOURCE,
+        atlanSchema={"typeName": "Schema", "uniqueAttributes": {"qualifiedName": missing_schema}},
+    )
+    child = entity("Column", "shopdb/ghost/orphan/c", source=UPSTREAM_SOURCE)  # dangles in turn
+    batch[len(batch) // 2 : len(batch) // 2] = [orphan, child]
+    in_memory, spilled = plans_both_ways(files(batch), empty_snapshot(), tmp_path)
+
+    assert spilled.isolated.select("qualified_name").to_series().to_list() == [
+        orphan["attributes"]["qualifiedName"],
+        child["attributes"]["qualifiedName"],
+    ]
+    assert spilled.isolated.equals(in_memory.isolated)
+    assert spilled.header.creates == len(batch) - 2
     expected = in_memory.operations.select(list(PLAN_SCHEMA))
     assert spilled.stored_operations(tmp_path / "parts").collect().equals(expected)
 
