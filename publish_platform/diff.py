@@ -353,9 +353,13 @@ def diff_batch(
     new = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti") if found.height else batch
     creates = new.with_columns(op=pl.lit("create"), guid=pl.lit(None, pl.String))
     changed = (pl.col("hash") != pl.col("old_hash")) | pl.lit(force)
-    updates = found.filter(changed).with_columns(op=pl.lit("update"))
+    updates = found.filter(changed).with_columns(op=pl.lit("update")).drop("old_hash")
     # Unchanged entities are counted, not listed: the next snapshot keeps them from the base.
     unchanged = found.height - updates.height + recognised_rows.n_unique() - overlap.height
+    # The updates are a copy: the lines found are let go before the changes are put in order
+    # (when a batch changes most of a 5M source, they are millions of rows).
+    found_in_snapshot = found.get_column("snapshot_row")
+    del found
 
     deletions_withheld = _deletions_withheld(mode, issues)
     deletes = pl.DataFrame(schema=CHANGES_SCHEMA)
@@ -364,7 +368,7 @@ def diff_batch(
         present = pl.concat(
             [
                 recognised_rows,
-                found.get_column("snapshot_row"),
+                found_in_snapshot,
                 indexed.join(
                     pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row"),
                     on=IDENTITY,
@@ -388,7 +392,8 @@ def diff_batch(
     # creates are in that order as parsed: not sorted, which would copy them all.
     upserts = creates
     if updates.height:  # (a concat, of a first batch too, would copy the creates)
-        upserts = pl.concat([updates.drop("old_hash", "snapshot_row"), creates], how="diagonal")
+        upserts = pl.concat([updates.drop("snapshot_row"), creates], how="diagonal")
+    del updates, creates, new  # (copied into upserts, or upserts)
     in_order = upserts.select(plan_order().is_sorted() & pl.col("batch_row").is_sorted())
     if not in_order.item():
         upserts = upserts.sort(plan_order(), "batch_row")
