@@ -54,7 +54,8 @@ class PublishOutcome:
 
     @property
     def failed(self) -> int:
-        return self._counts()[0] - self.succeeded
+        total, succeeded = self._counts()
+        return total - succeeded
 
     @property
     def succeeded(self) -> int:
@@ -140,12 +141,8 @@ def execute_plan(
             if progress is not None:
                 progress(done, total)
         let_wait()
-    let_wait()
-    if written:
-        outcome.results = pl.scan_parquet(written)
-    else:
-        outcome.results = pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *parts], how="vertical")
-    outcome.results = _in_plan_order(outcome.results)
+    results = pl.scan_parquet(written) if written else pl.concat(parts, how="vertical")
+    outcome.results, _ = _in_plan_order(results)
     outcome.duration_s = time.perf_counter() - started
     return outcome
 
@@ -160,13 +157,16 @@ def _errors(results: Sequence[WriteResult]) -> list[dict]:
     ]
 
 
-def _in_plan_order(results: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | pl.LazyFrame:
-    """Results by seq; as they usually are already, then not copied (a copy is 60 bytes a row:
-    300 MB at 5M operations). (Out of order, after a resumed publish, they are sorted.)"""
+def _in_plan_order(
+    results: pl.DataFrame | pl.LazyFrame,
+) -> tuple[pl.DataFrame | pl.LazyFrame, pl.Series]:
+    """Results by seq, and their seqs; as they usually are already, then not copied (a copy is
+    60 bytes a row: 300 MB at 5M operations). (Out of order, after a resumed publish, they are
+    sorted.)"""
     seq = results.lazy().select("seq").collect(engine="streaming").to_series()
     if seq.is_sorted():
-        return results
-    return results.sort("seq", maintain_order=True)
+        return results, seq
+    return results.sort("seq", maintain_order=True), seq.sort()
 
 
 def _height(operations: pl.DataFrame | pl.LazyFrame) -> int:
@@ -348,11 +348,10 @@ def next_snapshot(
 
     ``results``: one per operation (``execute_plan``'s). Each is set beside its operation by
     position, not joined: a streamed join buffered every entity of the plan."""
-    results = _in_plan_order(results)
-    planned = operations.lazy().select("seq").collect(engine="streaming").to_series()
-    if not planned.equals(results.lazy().select("seq").collect(engine="streaming").to_series()):
+    results, seq = _in_plan_order(results)
+    if not operations.lazy().select("seq").collect(engine="streaming").to_series().equals(seq):
         raise ValueError("the results are not one per operation of the plan, in its order")
-    del planned
+    del seq
     outcomes = results.lazy().select(pl.col("ok").alias("_ok"), pl.col("guid").alias("_guid"))
     applied = pl.concat([operations.lazy(), outcomes], how="horizontal").filter(pl.col("_ok"))
     kept = base.lazy()
