@@ -433,9 +433,8 @@ def _first_diff(
     """
     rows = parsed.scan()
     suspect = pl.any_horizontal(failed for failed, _, _ in row_tests(source))
-    hashes = rows.select(identity_hash_64()).collect(engine="streaming").to_series().sort()
-    shared = hashes.filter(hashes == hashes.shift(1)).unique()
-    suspects = rows.filter(suspect | identity_hash_64().is_in(shared.implode()))
+    hashes = rows.select(identity_hash_64()).collect(engine="streaming").to_series()
+    suspects = rows.filter(suspect | identity_hash_64().is_in(repeated_values(hashes).implode()))
     suspects = suspects.collect(engine="streaming")
     kept, issues = screen(suspects, source, parsed.issues, parsed.entities)
     dropped = suspects.join(kept, on="entity_row", how="anti").get_column("entity_row")
@@ -447,7 +446,7 @@ def _first_diff(
             list(CHANGES_SCHEMA)
         ),
         lines=parsed.lines,
-        valid_entities=rows.select(pl.len()).collect(engine="streaming").item(),
+        valid_entities=hashes.len(),
         snapshot_entities=0,
         issues=issues,
         deletions_withheld=_deletions_withheld(mode, issues),
@@ -519,8 +518,7 @@ def screen(
     # table of its hashes 100 MB, a struct of its identities 70 MB). A hash shared by two
     # identities only makes their rows candidates.
     hashes = frame.select(identity_hash_64()).to_series()
-    ordered = hashes.sort()
-    shared = ordered.filter(ordered == ordered.shift(1))
+    shared = repeated_values(hashes)
     if shared.len():
         repeated = hashes.is_in(shared.implode())
         named_twice = spilled_values(
@@ -565,6 +563,12 @@ def row_tests(source: str) -> list[tuple[pl.Expr, str, str]]:
 def identity_hash_64() -> pl.Expr:
     """A 64-bit hash of each row's identity: what finds the identities a batch names twice."""
     return pl.col("qualified_name").hash(1).xor(pl.col("type_name").hash(2))
+
+
+def repeated_values(hashes: pl.Series) -> pl.Series:
+    """The values ``hashes`` holds more than once (each once), found by a sort: no hash table."""
+    ordered = hashes.sort()
+    return ordered.filter(ordered == ordered.shift(1)).unique()
 
 
 def _protected_identities(issues: list[EntityIssue]) -> set[tuple[str, str]]:
