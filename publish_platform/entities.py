@@ -761,15 +761,15 @@ def with_entities(
     scratch.mkdir(parents=True, exist_ok=True)
     parts: list[Path] = []
     for batch in batches:
-        parts.extend(_filled(batch, entities, filled, scratch / f"{len(parts):08d}"))
+        parts.extend(_filled(batch, entities, filled, scratch, len(parts)))
     return pl.scan_parquet(parts) if parts else frame.lazy()
 
 
 def _filled(
-    frame: pl.DataFrame, entities: pl.LazyFrame, filled: list[str], prefix: Path
+    frame: pl.DataFrame, entities: pl.LazyFrame, filled: list[str], scratch: Path, start_at: int
 ) -> Iterator[Path]:
-    """``frame`` filled (``with_entities``) a chunk at a time, each written to a file whose name
-    starts with ``prefix`` (in order)."""
+    """``frame`` filled (``with_entities``) a chunk at a time, each written to a file in
+    ``scratch``, numbered from ``start_at``."""
     row = pl.col("entity_row")
     held = row.is_null()
     window = row // FILL_ROWS
@@ -806,7 +806,7 @@ def _filled(
             chunk = chunk.with_columns(
                 read.get_column(name).gather(wanted - first) for name in filled
             )
-        path = prefix.with_name(f"{prefix.name}-{number:08d}.parquet")
+        path = scratch / f"{start_at + number:08d}.parquet"
         chunk.write_parquet(path, compression="lz4")
         yield path
 
