@@ -54,6 +54,9 @@ DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA, "missing": pl.String}
 CHANGES_SCHEMA = {**DIFF_SCHEMA, "entity_row": pl.UInt32}
 
 IDENTITY = ["type_name", "qualified_name"]
+# Snapshot rows a diff reads whole, with their references: more are read without them (3.9M
+# rows' references took most of their 816 MB), and a few again with them.
+WHOLE_ROWS_READ = 500_000
 IDENTITY_SCHEMA = {name: pl.String for name in IDENTITY}
 
 
@@ -169,22 +172,19 @@ class SnapshotView:
         at[self.identities.rows] = np.arange(len(self.identities), dtype=np.int32)
         return at
 
-    def rows(self, numbers: np.ndarray) -> pl.DataFrame:
+    def rows(self, numbers: np.ndarray, references: bool = True) -> pl.DataFrame:
         """The rows with these numbers (``snapshot_row`` and SNAPSHOT_SCHEMA without the entity
-        JSON), in row order. Rows once read are kept: the plan re-reads what the diff read."""
+        JSON), in row order. Rows once read are kept: the plan re-reads what the diff read.
+
+        Without ``references``, the rows lack them, and are read anew and not kept: a diff
+        pairs every row a batch may change with its line, and only the few it deletes need
+        their references (decoded, they were most of 816 MB for 3.9M rows)."""
         wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
+        if not references:
+            return self._read(wanted, pl.exclude("entity", "identity_hash", "references"))
         missing = wanted.filter(~wanted.is_in(self._loaded.get_column("snapshot_row").implode()))
         if missing.len():
-            at = self._identity_at[missing.to_numpy()]
-            hashes = pl.DataFrame(
-                {"high": self.identities.high[at], "low": self.identities.low[at]}
-            ).select(pl.col("high").cast(pl.UInt128) * 2**64 + pl.col("low").cast(pl.UInt128))
-            read = (
-                self._snapshot.filter(pl.col("identity_hash").is_in(hashes.to_series().implode()))
-                .select(pl.exclude("entity", "identity_hash"))
-                .filter(pl.col("snapshot_row").is_in(missing.implode()))
-                .collect(engine="streaming")
-            )
+            read = self._read(missing, pl.exclude("entity", "identity_hash"))
             # The reader keeps row order: a first read needs no sort (nor a copy).
             if self._loaded.height:
                 read = pl.concat([self._loaded, read], how="vertical").sort("snapshot_row")
@@ -192,6 +192,22 @@ class SnapshotView:
         if self._loaded.height == wanted.len():  # all rows read are wanted: no copy
             return self._loaded
         return self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
+
+    def _read(self, numbers: pl.Series, columns: pl.Expr) -> pl.DataFrame:
+        """The rows ``numbers`` (unique), their ``columns``, in row order: filtered on their
+        identity hashes first, a column the reader filters on before decoding the others."""
+        if not numbers.len():
+            return self._snapshot.clear().select(columns).collect()
+        at = self._identity_at[numbers.to_numpy()]
+        hashes = pl.DataFrame(
+            {"high": self.identities.high[at], "low": self.identities.low[at]}
+        ).select(pl.col("high").cast(pl.UInt128) * 2**64 + pl.col("low").cast(pl.UInt128))
+        return (
+            self._snapshot.filter(pl.col("identity_hash").is_in(hashes.to_series().implode()))
+            .select(columns)
+            .filter(pl.col("snapshot_row").is_in(numbers.implode()))
+            .collect(engine="streaming")
+        )
 
     def find(self, identities: pl.DataFrame) -> np.ndarray:
         """The snapshot row of each identity's hash, -1 where there is none. An empty snapshot
@@ -204,31 +220,35 @@ class SnapshotView:
         """The rows of these identities (those the snapshot has)."""
         found = self.find(identities)
         rows = self.rows(found[found >= 0])
-        exact = found_rows(identities, found, rows).get_column("snapshot_row")
-        return rows.filter(pl.col("snapshot_row").is_in(exact.implode()))
+        at = paired_rows(identities, found, rows)
+        return rows[np.unique(at[at >= 0])]
 
     def exists(self, identities: pl.DataFrame) -> pl.DataFrame:
         """Those of ``identities`` the snapshot has, by their 128-bit hash (no row is read)."""
         return identities.filter(pl.Series(self.find(identities) >= 0))
 
 
-def found_rows(identities: pl.DataFrame, found: np.ndarray, rows: pl.DataFrame) -> pl.DataFrame:
-    """``identities`` with the ``snapshot_row`` their hash ``found``, where the row read (in
-    ``rows``) has that very identity: exact, and paired by row number (a join on the identity
-    strings took 200 MB at 200k rows)."""
-    hit = found >= 0
-    claimed = identities.filter(pl.Series(hit)).with_columns(
-        snapshot_row=pl.Series(found[hit], dtype=pl.UInt32)
-    )
-    read = rows.select("snapshot_row", row_type="type_name", row_name="qualified_name")
-    return (
-        claimed.join(read, on="snapshot_row")
-        .filter(
-            (pl.col("type_name") == pl.col("row_type"))
-            & (pl.col("qualified_name") == pl.col("row_name"))
-        )
-        .drop("row_type", "row_name")
-    )
+# Identities compared with their rows' at once (by ``paired_rows``): a slice of them copied.
+PAIRED_SLICE = 1_000_000
+
+
+def paired_rows(identities: pl.DataFrame, found: np.ndarray, rows: pl.DataFrame) -> np.ndarray:
+    """Where in ``rows`` (``SnapshotView.rows``: in row order) the row each of ``identities``
+    was ``found`` at by its hash is, when that row has that very identity; -1 where none.
+
+    By position, not by a join on the identity strings (200 MB at 200k rows) or on row numbers:
+    the identities are compared with their rows' a slice at a time."""
+    numbers = rows.get_column("snapshot_row").to_numpy()
+    at = np.searchsorted(numbers, found).clip(max=max(len(numbers) - 1, 0))
+    hit = (found >= 0) & (len(numbers) > 0)
+    hit[hit] = numbers[at[hit]] == found[hit]
+    claimed = np.flatnonzero(hit)
+    theirs = rows.select(IDENTITY)
+    for start in range(0, len(claimed), PAIRED_SLICE):
+        part = claimed[start : start + PAIRED_SLICE]
+        same = (identities[part] == theirs[at[part]]).select(pl.all_horizontal(IDENTITY))
+        hit[part[~same.to_series().to_numpy()]] = False
+    return np.where(hit, at, -1)
 
 
 def open_snapshot(state: StateStore, source: str, serial: int) -> SnapshotView:
@@ -299,25 +319,32 @@ def diff_batch(
     named_rows = np.concatenate(
         [view.find(parsed.frame.select(IDENTITY)), view.find(isolated_named)]
     )
-    indexed = view.rows(np.union1d(named_rows[named_rows >= 0], np.flatnonzero(~recognised)))
+    touched = np.union1d(named_rows[named_rows >= 0], np.flatnonzero(~recognised))
+    # Many rows are read without their references: only the rows deleted or overlapped are
+    # read again with them. Few are read whole and kept, for the plan (``SnapshotView.rows``).
+    indexed = view.rows(touched, references=len(touched) <= WHOLE_ROWS_READ)
 
     # Recognised lines stay row numbers. Those whose entity also appears on a parsed line are
     # screened with it: a duplicate, or a conflict that isolates both.
-    parsed_rows = found_rows(
+    indexed_rows = indexed.get_column("snapshot_row").to_numpy()
+    parsed_at = paired_rows(
         parsed.frame.select(IDENTITY), named_rows[: parsed.frame.height], indexed
     )
     # (A mask over the snapshot's rows: a join would hash every recognised line.)
     in_parsed = np.zeros(view.entities, dtype=bool)
-    in_parsed[parsed_rows.get_column("snapshot_row").to_numpy()] = True
-    overlap = (
-        parsed.unchanged.filter(pl.Series(in_parsed[recognised_rows.to_numpy()]))
-        .unique("snapshot_row", keep="first", maintain_order=True)
-        .join(
-            indexed.select("snapshot_row", *IDENTITY, "hash", "references", "raw_hash"),
-            on="snapshot_row",
-        )
+    in_parsed[indexed_rows[parsed_at[parsed_at >= 0]]] = True
+    overlap = parsed.unchanged.filter(pl.Series(in_parsed[recognised_rows.to_numpy()])).unique(
+        "snapshot_row", keep="first", maintain_order=True
+    )
+    overlap = overlap.join(
+        view.rows(overlap.get_column("snapshot_row").to_numpy()).select(
+            "snapshot_row", *IDENTITY, "hash", "references", "raw_hash"
+        ),
+        on="snapshot_row",
     )
     candidates = parsed.frame
+    # Where each candidate's snapshot row is in ``indexed`` (-1: none).
+    candidate_at = parsed_at
     if overlap.height:
         candidates = pl.concat(
             [
@@ -338,45 +365,56 @@ def diff_batch(
             how="vertical",
             rechunk=True,  # a join or gather copies the entity JSON of a frame of many chunks
         )
+        overlap_at = np.searchsorted(indexed_rows, overlap.get_column("snapshot_row").to_numpy())
+        candidate_at = np.concatenate([parsed_at, overlap_at])
     candidates = candidates.with_row_index("batch_row")  # the order of the lines
     batch, issues = screen(candidates, source, parsed.issues, parsed.entities)
     protected = _protected_identities(issues)
 
-    # (No snapshot row read, none to find: a join with none hashed every identity of a first
-    # batch.)
-    found = (batch if indexed.height else batch.head(0)).join(
-        indexed.select(*IDENTITY, "snapshot_row", pl.col("hash").alias("old_hash"), "guid"),
-        on=IDENTITY,
-    )
-    found = spilled_values(found, parsed.entities, ["hash"])  # to compare with the snapshot's
-    # (A first batch finds nothing: no anti-join, which would copy the batch.)
-    new = batch.join(found.select(IDENTITY), on=IDENTITY, how="anti") if found.height else batch
-    creates = new.with_columns(op=pl.lit("create"), guid=pl.lit(None, pl.String))
-    changed = (pl.col("hash") != pl.col("old_hash")) | pl.lit(force)
-    updates = found.filter(changed).with_columns(op=pl.lit("update")).drop("old_hash")
+    # Each entity of the batch is paired with its snapshot row by position: no join, which
+    # copied the changes twice over (when a batch changes most of a 5M source, millions of rows).
+    at = candidate_at[batch.get_column("batch_row").to_numpy()]
+    found = at >= 0
+    if force:
+        changed = np.ones(int(found.sum()), dtype=bool)
+    else:
+        # The hashes of the lines found, to compare with the snapshot's (a spilled parse's are
+        # read from its spill).
+        hashes = spilled_values(
+            batch.select("hash", "entity_row").filter(pl.Series(found)),
+            parsed.entities,
+            ["hash"],
+        ).get_column("hash")
+        old_hashes = indexed.get_column("hash").gather(at[found])
+        changed = (hashes != old_hashes).fill_null(False).to_numpy()
+        del hashes, old_hashes
+    listed = ~found  # creates, and the updates
+    listed[found] = changed
+    listed_at = pl.Series(at[listed])  # -1 for a create
     # Unchanged entities are counted, not listed: the next snapshot keeps them from the base.
-    unchanged = found.height - updates.height + recognised_rows.n_unique() - overlap.height
-    # The updates are a copy: the lines found are let go before the changes are put in order
-    # (when a batch changes most of a 5M source, they are millions of rows).
-    found_in_snapshot = found.get_column("snapshot_row")
-    del found
+    unchanged = int(found.sum() - changed.sum()) + recognised_rows.n_unique() - overlap.height
+    found_in_snapshot = indexed_rows[at[found]]
+    upserts = batch.filter(pl.Series(listed)).with_columns(
+        op=pl.when(listed_at >= 0).then(pl.lit("update")).otherwise(pl.lit("create")),
+        guid=indexed.get_column("guid").gather(listed_at.set(listed_at < 0, None)),
+    )
+    del batch, listed_at
 
     deletions_withheld = _deletions_withheld(mode, issues)
     deletes = pl.DataFrame(schema=CHANGES_SCHEMA)
     if mode == "full" and deletions_withheld is None:
         # Every row no line was recognised as was read: the absent ones are among them.
-        present = pl.concat(
-            [
-                recognised_rows,
-                found_in_snapshot,
-                indexed.join(
-                    pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row"),
-                    on=IDENTITY,
-                ).get_column("snapshot_row"),
-            ]
-        )
+        present = recognised.copy()  # (a mask over the snapshot's rows)
+        present[found_in_snapshot] = True
+        present[
+            indexed.join(
+                pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row"), on=IDENTITY
+            )
+            .get_column("snapshot_row")
+            .to_numpy()
+        ] = True
         deletes = (
-            indexed.filter(~pl.col("snapshot_row").is_in(present.implode()))
+            view.rows(indexed_rows[~present[indexed_rows]])
             .with_columns(
                 op=pl.lit("delete"),
                 entity=pl.lit(None, pl.String),
@@ -388,12 +426,8 @@ def diff_batch(
 
     # In plan order, and within a type rank in the order of the lines (whatever the parse held
     # or spilled): the plan step has nothing to sort (its copy was the larger part of a first
-    # plan's memory), and each rank reads the spilled JSON back in one pass. A first batch's
-    # creates are in that order as parsed: not sorted, which would copy them all.
-    upserts = creates
-    if updates.height:  # (a concat, of a first batch too, would copy the creates)
-        upserts = pl.concat([updates.drop("snapshot_row"), creates], how="diagonal")
-    del updates, creates, new  # (copied into upserts, or upserts)
+    # plan's memory), and each rank reads the spilled JSON back in one pass. The parse lists
+    # its lines in that order: only lines of the overlap, listed last, can be out of it.
     in_order = upserts.select(plan_order().is_sorted() & pl.col("batch_row").is_sorted())
     if not in_order.item():
         upserts = upserts.sort(plan_order(), "batch_row")
@@ -402,7 +436,7 @@ def diff_batch(
         changes = pl.concat(
             [changes, deletes.sort(plan_order(), maintain_order=True)],
             how="vertical",
-            rechunk=True,  # one chunk shares the entity JSON, many are copied
+            rechunk=False,  # (a copy of every change; a plan reads them in a stream)
         )
     return DiffResult(
         source=source,

@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from publish_platform.diff import SnapshotView
+from publish_platform.diff import SnapshotView, paired_rows
 from publish_platform.state import (
     ROW_GROUP_ROWS,
     Pointer,
@@ -150,6 +150,23 @@ def test_identity_hashes_are_stored_and_used_only_by_the_polars_that_wrote_them(
         read = view.rows(np.array([1]))
         assert read.select("type_name", "qualified_name").rows() == [SNAPSHOT.row(1)[:2]], name
         assert view.rows_of(SNAPSHOT.select("type_name", "qualified_name")).height == 2, name
+
+
+def test_a_line_is_paired_only_with_the_row_of_its_very_identity():
+    """A hash names a row; the pair holds only if that row was read and has the line's identity
+    (a hash shared by two identities pairs neither wrongly)."""
+    rows = pl.DataFrame(
+        {"snapshot_row": [2, 5, 7], "type_name": ["Table", "Column", "Table"]}
+        | {"qualified_name": ["t/a", "t/a/b", "t/c"]},
+        schema_overrides={"snapshot_row": pl.UInt32},
+    )
+    lines = pl.DataFrame(
+        {"type_name": ["Column", "Table", "Table", "Table", "Table"]}
+        | {"qualified_name": ["t/a/b", "t/c", "t/x", "t/a", "t/d"]}
+    )
+    found = np.array([5, 7, 2, -1, 6])  # t/x's hash names t/a's row; row 6 was not read
+    assert paired_rows(lines, found, rows).tolist() == [1, 2, -1, -1, -1]
+    assert paired_rows(lines, np.full(5, -1), rows.clear()).tolist() == [-1] * 5
 
 
 def test_references_are_stored_as_text_and_read_back_from_snapshots_of_any_age(tmp_path):

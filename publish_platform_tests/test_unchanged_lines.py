@@ -7,6 +7,7 @@ import orjson
 import polars as pl
 import pytest
 
+from publish_platform import diff as diff_module
 from publish_platform.diff import SnapshotView, as_view, diff_batch, recognisable
 from publish_platform.entities import RawHasher, parse_files
 from publish_platform.plan import build_plan
@@ -72,6 +73,30 @@ def test_changed_added_deleted_and_conflicting_lines_are_found_as_without_the_sh
     assert summary(fast) == summary(slow)
     assert fast.count("create") == 1 and fast.count("update") == 1 and fast.count("delete") == 1
     assert [i.reason for i in fast.issues] == ["conflicting_duplicate"] * 2
+
+
+def test_rows_read_without_their_references_diff_as_rows_read_whole(monkeypatch):
+    """Past WHOLE_ROWS_READ the rows a batch touches are read without their references, and
+    those it deletes or screens with a parsed line read again with them: the same changes."""
+    first = small_source()
+    snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
+    second = resynced(first[:-1], "run-2")  # the last column is deleted
+    second[3] = {**second[3], "attributes": {**second[3]["attributes"], "description": "new"}}
+    second.append(entity("Column", "db/s/t1/c9"))
+    twin = {**second[2], "attributes": {**second[2]["attributes"], "description": "twin"}}
+    second.append(twin)  # screened with the recognised line of its identity
+    files = [("transformed/x/entities.json", jsonl(second))]
+    parsed = parse_files(files, VOLATILE, known_raw=recognisable(snapshot))
+
+    whole = diff_batch(parsed, snapshot, SOURCE, "full")
+    monkeypatch.setattr(diff_module, "WHOLE_ROWS_READ", 0)
+    without = diff_batch(parsed, snapshot, SOURCE, "full")
+
+    assert without.changes.equals(whole.changes)
+    assert (without.issues, without.unchanged) == (whole.issues, whole.unchanged)
+    deleted = without.changes.filter(pl.col("op") == "delete")
+    assert deleted.height == 1 and deleted.get_column("references").list.len().sum() > 0
+    assert [i.reason for i in without.issues] == ["conflicting_duplicate"] * 2
 
 
 def test_no_shortcut_when_forced_when_old_snapshots_lack_raw_hashes_or_volatile_settings_differ():
