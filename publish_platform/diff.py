@@ -172,16 +172,19 @@ class SnapshotView:
         at[self.identities.rows] = np.arange(len(self.identities), dtype=np.int32)
         return at
 
-    def rows(self, numbers: np.ndarray, references: bool = True) -> pl.DataFrame:
+    def rows(self, numbers: np.ndarray, references: bool = True, keep: bool = True) -> pl.DataFrame:
         """The rows with these numbers (``snapshot_row`` and SNAPSHOT_SCHEMA without the entity
         JSON), in row order. Rows once read are kept: the plan re-reads what the diff read.
 
         Without ``references``, the rows lack them, and are read anew and not kept: a diff
         pairs every row a batch may change with its line, and only the few it deletes need
-        their references (decoded, they were most of 816 MB for 3.9M rows)."""
+        their references (decoded, they were most of 816 MB for 3.9M rows). Not to ``keep``:
+        read anew and not kept (a plan reads a slice of many at a time)."""
         wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
         if not references:
             return self._read(wanted, pl.exclude("entity", "identity_hash", "references"))
+        if not keep:
+            return self._read(wanted, pl.exclude("entity", "identity_hash"))
         missing = wanted.filter(~wanted.is_in(self._loaded.get_column("snapshot_row").implode()))
         if missing.len():
             read = self._read(missing, pl.exclude("entity", "identity_hash"))
@@ -216,10 +219,10 @@ class SnapshotView:
             return np.full(identities.height, -1, dtype=np.int64)
         return self.identities.find(identity_hashes(identities))
 
-    def rows_of(self, identities: pl.DataFrame) -> pl.DataFrame:
-        """The rows of these identities (those the snapshot has)."""
+    def rows_of(self, identities: pl.DataFrame, keep: bool = True) -> pl.DataFrame:
+        """The rows of these identities (those the snapshot has); ``keep``: as ``rows``."""
         found = self.find(identities)
-        rows = self.rows(found[found >= 0])
+        rows = self.rows(found[found >= 0], keep=keep)
         at = paired_rows(identities, found, rows)
         return rows[np.unique(at[at >= 0])]
 

@@ -315,7 +315,7 @@ def run_plan(
     except BaseException:
         folder.cleanup()
         raise
-    plan.keep = folder
+    plan.keep = (plan.keep, folder)
     return summary, plan, checks
 
 

@@ -44,6 +44,7 @@ from publish_platform.entities import (
     spilled_rows,
     with_entities,
 )
+from publish_platform.scratch import ScratchFolder
 
 # A stored plan's operations; in memory they also have the diff's ``entity_row``.
 PLAN_SCHEMA = {"seq": pl.Int64, **DIFF_SCHEMA}
@@ -116,7 +117,8 @@ class Plan:
     # Where the JSON, references and hashes of operations with an ``entity_row`` are (the
     # diff's ``entities``).
     entities: pl.LazyFrame | None = field(default=None, repr=False)
-    # What must live as long as the plan: the folder of the file its operations are scanned from.
+    # What must live as long as the plan: the folders of the files it scans (its operations', its
+    # edges').
     keep: object = field(default=None, repr=False)
 
     def stored_operations(self, scratch: Path) -> pl.LazyFrame:
@@ -182,7 +184,9 @@ def build_plan(
     if not _held(ordered.lazy().select(plan_order())).to_series().is_sorted():
         ordered = ordered.sort(plan_order(), maintain_order=True)
     operations = ordered.with_row_index("seq").select(pl.col("seq").cast(pl.Int64), *CHANGES_SCHEMA)
-    added, removed, counts = _relationship_changes(operations, references, snapshot, edges)
+    added, removed, counts, edges_folder = _relationship_changes(
+        operations, references, snapshot, edges, diff.entities
+    )
 
     op = pl.col("op")
     # Counted, not filtered: a filter copies the rows it counts.
@@ -213,7 +217,9 @@ def build_plan(
         deletions_withheld=diff.deletions_withheld,
         forced=forced,
     )
-    return Plan(header, operations, isolated, added, removed, entities=diff.entities)
+    return Plan(
+        header, operations, isolated, added, removed, entities=diff.entities, keep=edges_folder
+    )
 
 
 def plan_id(base_serial: int, operations: pl.LazyFrame) -> str:
@@ -432,26 +438,56 @@ def _among(columns: list[str], rows: pl.DataFrame) -> pl.Expr:
     return pl.struct(columns).is_in(rows.select(pl.struct(columns)).to_series().implode())
 
 
+# Operations whose old and new edges are compared at once: the edges of an entity are compared
+# with its own only, so a plan that changes millions is compared a slice at a time (with them
+# all at once, a 5M batch that changed most entities took 6.7 GB).
+RELATIONSHIP_ROWS = 500_000
+
+
 def _relationship_changes(
     operations: pl.DataFrame | pl.LazyFrame,
     new: pl.LazyFrame,
     snapshot: SnapshotView,
     new_count: int | None,
-) -> tuple[pl.LazyFrame, pl.LazyFrame, tuple[int, int, int]]:
+    entities: pl.LazyFrame | None,
+) -> tuple[pl.LazyFrame, pl.LazyFrame, tuple[int, int, int], ScratchFolder | None]:
     """Edges added and removed by the plan (``new``: the references of its upserts, ``new_count``
-    of them if known), and how many are added, removed, and how many (from, attribute) pairs
-    re-point."""
-    old = pl.DataFrame(schema=EDGE_SCHEMA)
-    if snapshot.entities:  # (a source's first batch has no snapshot: its identities not held)
-        old = _references(snapshot.rows_of(_held(operations.lazy().select(IDENTITY)))).collect()
-    if not old.height:  # a source's first batch: every edge is new, counted in a stream
-        return new, old.lazy(), (new_count if new_count is not None else _count(new), 0, 0)
-    # The edges of the entities the plan changes: as many as it has upserts, no more.
-    edges = new.collect()
-    added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")
-    removed = old.join(edges, on=list(EDGE_SCHEMA), how="anti")
-    repointed = added.select(EDGE).unique().join(removed.select(EDGE).unique(), on=EDGE).height
-    return added.lazy(), removed.lazy(), (added.height, removed.height, repointed)
+    of them if known), how many are added, removed, and how many (from, attribute) pairs
+    re-point; and the folder the edges of a plan of many slices are written to (``None``: held,
+    or streamed)."""
+    if not snapshot.entities:  # a source's first batch: every edge is new, counted in a stream
+        count = new_count if new_count is not None else _count(new)
+        return new, pl.LazyFrame(schema=EDGE_SCHEMA), (count, 0, 0), None
+    total = _held(operations.lazy().select(pl.len())).item()
+    folder = ScratchFolder("plan-edges") if total > RELATIONSHIP_ROWS else None
+    slices = (
+        operations.lazy()
+        .select(*IDENTITY, "op", "references", "entity_row")
+        .collect_batches(chunk_size=RELATIONSHIP_ROWS)
+    )
+    added = removed = pl.DataFrame(schema=EDGE_SCHEMA)
+    added_count = removed_count = repointed = 0
+    for number, part in enumerate(slices):
+        old = _references(snapshot.rows_of(part.select(IDENTITY), keep=False)).collect()
+        edges = _references(part.filter(pl.col("op") != "delete"), entities).collect()
+        added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")
+        removed = old.join(edges, on=list(EDGE_SCHEMA), how="anti")
+        del old, edges
+        added_count += added.height
+        removed_count += removed.height
+        repointed += added.select(EDGE).unique().join(removed.select(EDGE).unique(), on=EDGE).height
+        if folder is not None:
+            added.write_parquet(folder.path / f"added-{number:05d}.parquet")
+            removed.write_parquet(folder.path / f"removed-{number:05d}.parquet")
+    counts = (added_count, removed_count, repointed)
+    if folder is None:  # one slice, held
+        return added.lazy(), removed.lazy(), counts, None
+    return (
+        pl.scan_parquet(folder.path / "added-*.parquet"),
+        pl.scan_parquet(folder.path / "removed-*.parquet"),
+        counts,
+        folder,
+    )
 
 
 def _count(frame: pl.LazyFrame) -> int:
