@@ -54,9 +54,11 @@ DIFF_SCHEMA = {"op": pl.String, **SNAPSHOT_SCHEMA, "missing": pl.String}
 CHANGES_SCHEMA = {**DIFF_SCHEMA, "entity_row": pl.UInt32}
 
 IDENTITY = ["type_name", "qualified_name"]
-# Snapshot rows a diff reads whole, with their references: more are read without them (3.9M
-# rows' references took most of their 816 MB), and a few again with them.
-WHOLE_ROWS_READ = 500_000
+# What is read of a snapshot's rows: all but the entity JSON, which a plan never needs.
+ROW_COLUMNS = [name for name in SNAPSHOT_SCHEMA if name != "entity"]
+# Lines compared with their snapshot rows at once: a diff holds the hashes and guids of a slice
+# of those it finds, not of all (when a batch changes most of a 5M source, millions).
+DIFF_SLICE_ROWS = 500_000
 IDENTITY_SCHEMA = {name: pl.String for name in IDENTITY}
 
 
@@ -130,9 +132,7 @@ class SnapshotView:
                 .with_columns(identity_hash=identity_hash())
             )
             self.entities = snapshot.height
-        self._loaded = (
-            self._snapshot.clear().select(pl.exclude("entity", "identity_hash")).collect()
-        )
+        self._loaded = self._snapshot.clear().select("snapshot_row", *ROW_COLUMNS).collect()
 
     @cached_property
     def identities(self) -> HashIndex:
@@ -172,22 +172,14 @@ class SnapshotView:
         at[self.identities.rows] = np.arange(len(self.identities), dtype=np.int32)
         return at
 
-    def rows(self, numbers: np.ndarray, references: bool = True, keep: bool = True) -> pl.DataFrame:
-        """The rows with these numbers (``snapshot_row`` and SNAPSHOT_SCHEMA without the entity
-        JSON), in row order. Rows once read are kept: the plan re-reads what the diff read.
-
-        Without ``references``, the rows lack them, and are read anew and not kept: a diff
-        pairs every row a batch may change with its line, and only the few it deletes need
-        their references (decoded, they were most of 816 MB for 3.9M rows). Not to ``keep``:
-        read anew and not kept (a plan reads a slice of many at a time)."""
+    def rows(self, numbers: np.ndarray) -> pl.DataFrame:
+        """The rows with these numbers (``snapshot_row`` and ROW_COLUMNS), in row order. Rows
+        once read are kept: for the few rows a diff deletes or screens, which its plan reads
+        again. Many rows are ``read`` a slice at a time instead."""
         wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
-        if not references:
-            return self._read(wanted, pl.exclude("entity", "identity_hash", "references"))
-        if not keep:
-            return self._read(wanted, pl.exclude("entity", "identity_hash"))
         missing = wanted.filter(~wanted.is_in(self._loaded.get_column("snapshot_row").implode()))
         if missing.len():
-            read = self._read(missing, pl.exclude("entity", "identity_hash"))
+            read = self.read(missing.to_numpy(), ROW_COLUMNS)
             # The reader keeps row order: a first read needs no sort (nor a copy).
             if self._loaded.height:
                 read = pl.concat([self._loaded, read], how="vertical").sort("snapshot_row")
@@ -196,19 +188,26 @@ class SnapshotView:
             return self._loaded
         return self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
 
-    def _read(self, numbers: pl.Series, columns: pl.Expr) -> pl.DataFrame:
-        """The rows ``numbers`` (unique), their ``columns``, in row order: filtered on their
+    def read(self, numbers: np.ndarray, columns: list[str]) -> pl.DataFrame:
+        """The rows with these numbers, ``snapshot_row`` and their ``columns``, in row order:
+        from the rows kept if they are all there, else read and not kept. Filtered on their
         identity hashes first, a column the reader filters on before decoding the others."""
-        if not numbers.len():
-            return self._snapshot.clear().select(columns).collect()
-        at = self._identity_at[numbers.to_numpy()]
+        wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
+        selected = ["snapshot_row", *columns]
+        if not wanted.len():
+            return self._snapshot.clear().select(selected).collect()
+        kept = self._loaded.get_column("snapshot_row")
+        if kept.len() and wanted.is_in(kept.implode()).all():  # kept: not read again
+            kept_rows = self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
+            return kept_rows.select(selected)
+        at = self._identity_at[wanted.to_numpy()]
         hashes = pl.DataFrame(
             {"high": self.identities.high[at], "low": self.identities.low[at]}
         ).select(pl.col("high").cast(pl.UInt128) * 2**64 + pl.col("low").cast(pl.UInt128))
         return (
             self._snapshot.filter(pl.col("identity_hash").is_in(hashes.to_series().implode()))
-            .select(columns)
-            .filter(pl.col("snapshot_row").is_in(numbers.implode()))
+            .select(selected)
+            .filter(pl.col("snapshot_row").is_in(wanted.implode()))
             .collect(engine="streaming")
         )
 
@@ -220,9 +219,11 @@ class SnapshotView:
         return self.identities.find(identity_hashes(identities))
 
     def rows_of(self, identities: pl.DataFrame, keep: bool = True) -> pl.DataFrame:
-        """The rows of these identities (those the snapshot has); ``keep``: as ``rows``."""
+        """The rows of these identities (those the snapshot has): kept (``rows``), or not
+        (``read``: a plan reads a slice of many at a time)."""
         found = self.find(identities)
-        rows = self.rows(found[found >= 0], keep=keep)
+        numbers = found[found >= 0]
+        rows = self.rows(numbers) if keep else self.read(numbers, ROW_COLUMNS)
         at = paired_rows(identities, found, rows)
         return rows[np.unique(at[at >= 0])]
 
@@ -300,9 +301,10 @@ def diff_batch(
     that repairs a drifted metastore); deletions are computed as usual.
 
     Most of a batch is lines recognised as unchanged (``parsed.unchanged``): they point at their
-    snapshot rows. Only the rows that the batch can change are read: those no line was
-    recognised as (changed or deleted), and those of identities the parsed or isolated lines
-    name. All else is decided on the row numbers.
+    snapshot rows. Of the rows the parsed lines name, only what pairs and compares them is read
+    (identity, hash and guid), a slice of DIFF_SLICE_ROWS lines at a time; whole rows only for
+    the entities deleted, isolated, or named by a recognised line and a parsed one. All else is
+    decided on the row numbers.
     """
     if force and parsed.unchanged.height:
         raise ValueError("a forced diff re-sends every entity: parse every line (no known_raw)")
@@ -313,29 +315,42 @@ def diff_batch(
     recognised = np.zeros(view.entities, dtype=bool)
     recognised[recognised_rows.to_numpy()] = True
 
-    isolated_named = pl.DataFrame(
-        [(i.type_name, i.qualified_name) for i in parsed.issues if i.qualified_name],
-        schema=IDENTITY_SCHEMA,
-        orient="row",
-    )
-    # (Looked up apart: a concat would copy the identities of every parsed line.)
-    named_rows = np.concatenate(
-        [view.find(parsed.frame.select(IDENTITY)), view.find(isolated_named)]
-    )
+    # Each parsed line is paired with its snapshot row by number (-1: none; a join on the
+    # identity strings copied the changes twice over) and compared with it by hash, a slice of
+    # lines at a time: of the rows, only the guids of those changed are held.
+    lines = parsed.frame.select(*IDENTITY, "hash", "entity_row")
+    named_rows = view.find(lines)
     touched = np.union1d(named_rows[named_rows >= 0], np.flatnonzero(~recognised))
-    # Many rows are read without their references: only the rows deleted or overlapped are
-    # read again with them. Few are read whole and kept, for the plan (``SnapshotView.rows``).
-    indexed = view.rows(touched, references=len(touched) <= WHOLE_ROWS_READ)
+    if len(touched) <= DIFF_SLICE_ROWS:
+        view.rows(touched)  # few: read whole once, and kept for the plan (``SnapshotView.read``)
+    changed = np.zeros(lines.height, dtype=bool)
+    guids = [pl.Series("guid", [], dtype=pl.String)]
+    for start in range(0, lines.height, DIFF_SLICE_ROWS):
+        part = lines.slice(start, DIFF_SLICE_ROWS)
+        found = named_rows[start : start + DIFF_SLICE_ROWS]  # (a view: paired in place)
+        rows = view.read(found[found >= 0], [*IDENTITY, "hash", "guid"])
+        at = paired_rows(part.select(IDENTITY), found, rows)
+        paired = at >= 0
+        found[:] = -1
+        found[paired] = rows.get_column("snapshot_row").to_numpy()[at[paired]]
+        changes_here = paired.copy()
+        if not force:
+            # The lines' hashes, to compare with their rows' (a spilled parse's are read from
+            # its spill).
+            hashes = spilled_values(part.filter(pl.Series(paired)), parsed.entities, ["hash"])
+            differs = hashes.get_column("hash") != rows.get_column("hash").gather(at[paired])
+            changes_here[paired] = differs.fill_null(False).to_numpy()
+        changed[start : start + DIFF_SLICE_ROWS] = changes_here
+        unchanged_at = pl.Series(at).set(pl.Series(~changes_here), None)
+        guids.append(rows.get_column("guid").gather(unchanged_at))
+    guid = pl.concat(guids)
+    del lines, guids
 
     # Recognised lines stay row numbers. Those whose entity also appears on a parsed line are
     # screened with it: a duplicate, or a conflict that isolates both.
-    indexed_rows = indexed.get_column("snapshot_row").to_numpy()
-    parsed_at = paired_rows(
-        parsed.frame.select(IDENTITY), named_rows[: parsed.frame.height], indexed
-    )
     # (A mask over the snapshot's rows: a join would hash every recognised line.)
     in_parsed = np.zeros(view.entities, dtype=bool)
-    in_parsed[indexed_rows[parsed_at[parsed_at >= 0]]] = True
+    in_parsed[named_rows[named_rows >= 0]] = True
     overlap = parsed.unchanged.filter(pl.Series(in_parsed[recognised_rows.to_numpy()])).unique(
         "snapshot_row", keep="first", maintain_order=True
     )
@@ -346,8 +361,9 @@ def diff_batch(
         on="snapshot_row",
     )
     candidates = parsed.frame
-    # Where each candidate's snapshot row is in ``indexed`` (-1: none).
-    candidate_at = parsed_at
+    # Each candidate's snapshot row (-1: none), whether it changed, and its row's guid if so. A
+    # line of the overlap is its row: unchanged.
+    candidate_rows, candidate_changed, candidate_guid = named_rows, changed, guid
     if overlap.height:
         candidates = pl.concat(
             [
@@ -368,56 +384,40 @@ def diff_batch(
             how="vertical",
             rechunk=True,  # a join or gather copies the entity JSON of a frame of many chunks
         )
-        overlap_at = np.searchsorted(indexed_rows, overlap.get_column("snapshot_row").to_numpy())
-        candidate_at = np.concatenate([parsed_at, overlap_at])
+        candidate_rows = np.concatenate(
+            [named_rows, overlap.get_column("snapshot_row").to_numpy().astype(np.int64)]
+        )
+        candidate_changed = np.concatenate([changed, np.zeros(overlap.height, dtype=bool)])
+        candidate_guid = pl.concat([guid, pl.Series([None] * overlap.height, dtype=pl.String)])
     candidates = candidates.with_row_index("batch_row")  # the order of the lines
     batch, issues = screen(candidates, source, parsed.issues, parsed.entities)
     protected = _protected_identities(issues)
 
-    # Each entity of the batch is paired with its snapshot row by position: no join, which
-    # copied the changes twice over (when a batch changes most of a 5M source, millions of rows).
-    at = candidate_at[batch.get_column("batch_row").to_numpy()]
-    found = at >= 0
-    if force:
-        changed = np.ones(int(found.sum()), dtype=bool)
-    else:
-        # The hashes of the lines found, to compare with the snapshot's (a spilled parse's are
-        # read from its spill).
-        hashes = spilled_values(
-            batch.select("hash", "entity_row").filter(pl.Series(found)),
-            parsed.entities,
-            ["hash"],
-        ).get_column("hash")
-        old_hashes = indexed.get_column("hash").gather(at[found])
-        changed = (hashes != old_hashes).fill_null(False).to_numpy()
-        del hashes, old_hashes
-    listed = ~found  # creates, and the updates
-    listed[found] = changed
-    listed_at = pl.Series(at[listed])  # -1 for a create
-    # Unchanged entities are counted, not listed: the next snapshot keeps them from the base.
-    unchanged = int(found.sum() - changed.sum()) + recognised_rows.n_unique() - overlap.height
-    found_in_snapshot = indexed_rows[at[found]]
+    at = batch.get_column("batch_row").to_numpy()
+    batch_rows = candidate_rows[at]
+    updated = candidate_changed[at]
+    listed = (batch_rows < 0) | updated  # creates, and the updates
+    present = recognised.copy()  # the snapshot's rows the batch has (a mask over them)
+    present[batch_rows[batch_rows >= 0]] = True
     upserts = batch.filter(pl.Series(listed)).with_columns(
-        op=pl.when(listed_at >= 0).then(pl.lit("update")).otherwise(pl.lit("create")),
-        guid=indexed.get_column("guid").gather(listed_at.set(listed_at < 0, None)),
+        op=pl.when(pl.Series(updated[listed])).then(pl.lit("update")).otherwise(pl.lit("create")),
+        guid=candidate_guid.gather(at[listed]),
     )
-    del batch, listed_at
+    # Unchanged entities are counted, not listed: the next snapshot keeps them from the base.
+    unchanged = int((batch_rows >= 0).sum() - updated.sum())
+    unchanged += recognised_rows.n_unique() - overlap.height
+    del batch, candidates, candidate_guid
 
     deletions_withheld = _deletions_withheld(mode, issues)
     deletes = pl.DataFrame(schema=CHANGES_SCHEMA)
     if mode == "full" and deletions_withheld is None:
-        # Every row no line was recognised as was read: the absent ones are among them.
-        present = recognised.copy()  # (a mask over the snapshot's rows)
-        present[found_in_snapshot] = True
-        present[
-            indexed.join(
-                pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row"), on=IDENTITY
-            )
-            .get_column("snapshot_row")
-            .to_numpy()
-        ] = True
+        # The rows the batch does not have are deleted, unless their entity was isolated.
+        isolated_rows = view.rows_of(
+            pl.DataFrame(sorted(protected), schema=IDENTITY_SCHEMA, orient="row")
+        )
+        present[isolated_rows.get_column("snapshot_row").to_numpy()] = True
         deletes = (
-            view.rows(indexed_rows[~present[indexed_rows]])
+            view.rows(np.flatnonzero(~present))
             .with_columns(
                 op=pl.lit("delete"),
                 entity=pl.lit(None, pl.String),

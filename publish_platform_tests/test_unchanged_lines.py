@@ -75,9 +75,10 @@ def test_changed_added_deleted_and_conflicting_lines_are_found_as_without_the_sh
     assert [i.reason for i in fast.issues] == ["conflicting_duplicate"] * 2
 
 
-def test_rows_read_without_their_references_diff_as_rows_read_whole(monkeypatch):
-    """Past WHOLE_ROWS_READ the rows a batch touches are read without their references, and
-    those it deletes or screens with a parsed line read again with them: the same changes."""
+def test_lines_compared_a_few_at_a_time_diff_as_all_at_once(monkeypatch):
+    """A batch's lines are paired and compared with their snapshot rows a slice of
+    DIFF_SLICE_ROWS at a time: one at a time, the same changes (the rows deleted or screened
+    with a parsed line read whole, with their references)."""
     first = small_source()
     snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
     second = resynced(first[:-1], "run-2")  # the last column is deleted
@@ -88,15 +89,17 @@ def test_rows_read_without_their_references_diff_as_rows_read_whole(monkeypatch)
     files = [("transformed/x/entities.json", jsonl(second))]
     parsed = parse_files(files, VOLATILE, known_raw=recognisable(snapshot))
 
-    whole = diff_batch(parsed, snapshot, SOURCE, "full")
-    monkeypatch.setattr(diff_module, "WHOLE_ROWS_READ", 0)
-    without = diff_batch(parsed, snapshot, SOURCE, "full")
+    at_once = diff_batch(parsed, snapshot, SOURCE, "full")
+    monkeypatch.setattr(diff_module, "DIFF_SLICE_ROWS", 1)
+    sliced = diff_batch(parsed, snapshot, SOURCE, "full")
 
-    assert without.changes.equals(whole.changes)
-    assert (without.issues, without.unchanged) == (whole.issues, whole.unchanged)
-    deleted = without.changes.filter(pl.col("op") == "delete")
+    assert parsed.frame.height == 3  # a slice each
+    assert sliced.changes.equals(at_once.changes)
+    assert (sliced.issues, sliced.unchanged) == (at_once.issues, at_once.unchanged)
+    assert sliced.count("create") == 1 and sliced.count("update") == 1
+    deleted = sliced.changes.filter(pl.col("op") == "delete")
     assert deleted.height == 1 and deleted.get_column("references").list.len().sum() > 0
-    assert [i.reason for i in without.issues] == ["conflicting_duplicate"] * 2
+    assert [i.reason for i in sliced.issues] == ["conflicting_duplicate"] * 2
 
 
 def test_no_shortcut_when_forced_when_old_snapshots_lack_raw_hashes_or_volatile_settings_differ():
