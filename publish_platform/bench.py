@@ -364,51 +364,63 @@ def measure_diff_plan(folder: Path) -> dict[str, float]:
     }
 
 
-# A source's first batch, as the platform runs it: the diff step, then the plan step in a
-# process of its own, which gets the diff's file and its summary.
-FIRST_DIFF = "first-diff.parquet"
-FIRST_DIFF_SUMMARY = "first-diff.json"
+# A batch as the platform runs it: the diff step, then the plan step in a process of its own,
+# which gets the diff's file and its summary. A source's first batch (v1, no snapshot), and a
+# later one (v2 against v1's snapshot): each step's peak is its own.
+STEP_DIFF = "{batch}-diff.parquet"
+STEP_DIFF_SUMMARY = "{batch}-diff.json"
 
 
-def measure_first_diff(folder: Path) -> dict[str, float]:
-    """The diff step of v1 against no snapshot: every line parsed, its JSON spilled."""
+def _step_view(folder: Path, batch: str) -> Any:
+    from publish_platform.diff import SnapshotView
+    from publish_platform.state import empty_snapshot
+
+    if batch == "first":
+        return SnapshotView(empty_snapshot())
+    return SnapshotView(folder / "snapshot-v1.parquet")
+
+
+def measure_diff_step(folder: Path, batch: str) -> dict[str, float]:
+    """The diff step of ``batch``: "first" (v1 against no snapshot: every line parsed, its JSON
+    spilled) or "later" (v2 against v1's snapshot)."""
     import tempfile
 
     import publish_platform.entities  # noqa: F401 - imported before the clock starts
-    from publish_platform.diff import SnapshotView
-    from publish_platform.state import empty_snapshot
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-first-diff-", dir=folder) as scratch:
-        summary, stored = _diff_step(folder, "v1", SnapshotView(empty_snapshot()), Path(scratch))
-        stored.replace(folder / FIRST_DIFF)
-    (folder / FIRST_DIFF_SUMMARY).write_text(summary.model_dump_json())
+    version = "v1" if batch == "first" else "v2"
+    with tempfile.TemporaryDirectory(prefix=f"bench-{batch}-diff-", dir=folder) as scratch:
+        summary, stored = _diff_step(folder, version, _step_view(folder, batch), Path(scratch))
+        stored.replace(folder / STEP_DIFF.format(batch=batch))
+    (folder / STEP_DIFF_SUMMARY.format(batch=batch)).write_text(summary.model_dump_json())
     return {"seconds": time.perf_counter() - started}
 
 
-def measure_first_plan(folder: Path) -> dict[str, float]:
-    """The plan step of that first batch, from the diff's file, in a process of its own."""
+def measure_plan_step(folder: Path, batch: str) -> dict[str, float]:
+    """The plan step of that batch, from the diff's file, in a process of its own."""
     import tempfile
 
     import publish_platform.plan  # noqa: F401 - imported before the clock starts
-    from publish_platform.diff import SnapshotView
     from publish_platform.pipeline import DiffSummary
-    from publish_platform.state import empty_snapshot
 
     started = time.perf_counter()
-    summary = DiffSummary.model_validate_json((folder / FIRST_DIFF_SUMMARY).read_text())
-    with tempfile.TemporaryDirectory(prefix="bench-first-plan-", dir=folder) as scratch:
-        view = SnapshotView(empty_snapshot())
-        planned = _plan_step(summary, folder / FIRST_DIFF, view, Path(scratch))
-    for done in (folder / FIRST_DIFF, folder / FIRST_DIFF_SUMMARY):
+    diff_file = folder / STEP_DIFF.format(batch=batch)
+    summary_file = folder / STEP_DIFF_SUMMARY.format(batch=batch)
+    summary = DiffSummary.model_validate_json(summary_file.read_text())
+    with tempfile.TemporaryDirectory(prefix=f"bench-{batch}-plan-", dir=folder) as scratch:
+        planned = _plan_step(summary, diff_file, _step_view(folder, batch), Path(scratch))
+    for done in (diff_file, summary_file):
         done.unlink()
     header = planned.plan.header
-    # v1's lines are valid and distinct: its first plan creates each, or something was lost.
-    assert header.creates == header.operations == summary.lines, (header, summary.lines)
+    if batch == "first":
+        # v1's lines are valid and distinct: its first plan creates each, or something was lost.
+        assert header.creates == header.operations == summary.lines, (header, summary.lines)
     return {
         "seconds": time.perf_counter() - started - planned.checks_s,
         "checks_seconds": planned.checks_s,
         "creates": header.creates,
+        "updates": header.updates,
+        "deletes": header.deletes,
         "operations": header.operations,
     }
 
@@ -612,9 +624,11 @@ PHASES = {
     "parse_floor": measure_parse_floor,
     "naive": measure_naive,
     "diff_plan": measure_diff_plan,
-    # Measured once, for its time and memory: not compared with a baseline.
-    "first_diff": measure_first_diff,
-    "first_plan": measure_first_plan,
+    # Measured once, for their time and memory: not compared with a baseline.
+    "first_diff": lambda folder: measure_diff_step(folder, "first"),
+    "first_plan": lambda folder: measure_plan_step(folder, "first"),
+    "later_diff": lambda folder: measure_diff_step(folder, "later"),
+    "later_plan": lambda folder: measure_plan_step(folder, "later"),
     "publish": measure_publish,
     "sensor_tick": lambda arg: measure_sensor_tick(int(str(arg))),
     "latency": lambda arg: measure_latency(int(str(arg))),
@@ -661,6 +675,11 @@ def run_bench(
         floor, naive, platform = (_median_run(runs[phase]) for phase in runs)
         first_diff = _run_phase("first_diff", folder)
         first_plan = _run_phase("first_plan", folder)
+        later_diff = _run_phase("later_diff", folder)
+        later_plan = _run_phase("later_plan", folder)
+        counts = ("creates", "updates", "deletes", "operations")
+        # The same plan as the rounds', step by step.
+        assert [later_plan[k] for k in counts] == [platform[k] for k in counts], later_plan
         publish = _run_phase("publish", folder)
         v2_bytes = (folder / "v2.jsonl").stat().st_size
     return {
@@ -689,6 +708,10 @@ def run_bench(
         "first_plan_checks_s": round(first_plan["checks_seconds"], 3),
         "first_diff_step_peak_rss_mb": round(first_diff["peak_rss_mb"], 1),
         "first_plan_step_peak_rss_mb": round(first_plan["peak_rss_mb"], 1),
+        # v2's diff and plan steps, each in a process of its own as in the platform (the rounds
+        # above run both in one process, the plan reading the rows the diff kept).
+        "diff_step_peak_rss_mb": round(later_diff["peak_rss_mb"], 1),
+        "plan_step_peak_rss_mb": round(later_plan["peak_rss_mb"], 1),
         "publish_entities_per_s": round(publish["entities_per_s"], 1),
         "publish_s": round(publish["seconds"], 3),
         "publish_snapshot_s": round(publish["snapshot_s"], 3),

@@ -173,9 +173,9 @@ class SnapshotView:
         return at
 
     def rows(self, numbers: np.ndarray) -> pl.DataFrame:
-        """The rows with these numbers (``snapshot_row`` and ROW_COLUMNS), in row order. Rows
-        once read are kept: for the few rows a diff deletes or screens, which its plan reads
-        again. Many rows are ``read`` a slice at a time instead."""
+        """The rows with these numbers (``snapshot_row`` and ROW_COLUMNS), in row order, read
+        and kept: the few rows a batch touches, which its diff and plan then ``read`` from
+        memory. Many rows are ``read`` a slice at a time instead."""
         wanted = pl.Series("snapshot_row", np.unique(numbers), dtype=pl.UInt32)
         missing = wanted.filter(~wanted.is_in(self._loaded.get_column("snapshot_row").implode()))
         if missing.len():
@@ -218,12 +218,10 @@ class SnapshotView:
             return np.full(identities.height, -1, dtype=np.int64)
         return self.identities.find(identity_hashes(identities))
 
-    def rows_of(self, identities: pl.DataFrame, keep: bool = True) -> pl.DataFrame:
-        """The rows of these identities (those the snapshot has): kept (``rows``), or not
-        (``read``: a plan reads a slice of many at a time)."""
+    def rows_of(self, identities: pl.DataFrame) -> pl.DataFrame:
+        """The rows of these identities (those the snapshot has), as ``read``."""
         found = self.find(identities)
-        numbers = found[found >= 0]
-        rows = self.rows(numbers) if keep else self.read(numbers, ROW_COLUMNS)
+        rows = self.read(found[found >= 0], ROW_COLUMNS)
         at = paired_rows(identities, found, rows)
         return rows[np.unique(at[at >= 0])]
 
@@ -319,20 +317,23 @@ def diff_batch(
     # identity strings copied the changes twice over) and compared with it by hash, a slice of
     # lines at a time: of the rows, only the guids of those changed are held.
     lines = parsed.frame.select(*IDENTITY, "hash", "entity_row")
-    named_rows = view.find(lines)
-    touched = np.union1d(named_rows[named_rows >= 0], np.flatnonzero(~recognised))
-    if len(touched) <= DIFF_SLICE_ROWS:
-        view.rows(touched)  # few: read whole once, and kept for the plan (``SnapshotView.read``)
+    unrecognised = np.flatnonzero(~recognised)
+    if lines.height + len(unrecognised) <= DIFF_SLICE_ROWS:
+        # Few rows to touch: read whole at once, and kept for the plan (``SnapshotView.read``).
+        named = view.find(lines)
+        view.rows(np.union1d(named[named >= 0], unrecognised))
+    named_rows = np.full(lines.height, -1, dtype=np.int64)
     changed = np.zeros(lines.height, dtype=bool)
     guids = [pl.Series("guid", [], dtype=pl.String)]
     for start in range(0, lines.height, DIFF_SLICE_ROWS):
         part = lines.slice(start, DIFF_SLICE_ROWS)
-        found = named_rows[start : start + DIFF_SLICE_ROWS]  # (a view: paired in place)
+        found = view.find(part)
         rows = view.read(found[found >= 0], [*IDENTITY, "hash", "guid"])
         at = paired_rows(part.select(IDENTITY), found, rows)
         paired = at >= 0
-        found[:] = -1
-        found[paired] = rows.get_column("snapshot_row").to_numpy()[at[paired]]
+        named_rows[start : start + part.height][paired] = rows.get_column(
+            "snapshot_row"
+        ).to_numpy()[at[paired]]
         changes_here = paired.copy()
         if not force:
             # The lines' hashes, to compare with their rows' (a spilled parse's are read from
@@ -355,8 +356,9 @@ def diff_batch(
         "snapshot_row", keep="first", maintain_order=True
     )
     overlap = overlap.join(
-        view.rows(overlap.get_column("snapshot_row").to_numpy()).select(
-            "snapshot_row", *IDENTITY, "hash", "references", "raw_hash"
+        view.read(
+            overlap.get_column("snapshot_row").to_numpy(),
+            [*IDENTITY, "hash", "references", "raw_hash"],
         ),
         on="snapshot_row",
     )
@@ -417,7 +419,7 @@ def diff_batch(
         )
         present[isolated_rows.get_column("snapshot_row").to_numpy()] = True
         deletes = (
-            view.rows(np.flatnonzero(~present))
+            view.read(np.flatnonzero(~present), ROW_COLUMNS)
             .with_columns(
                 op=pl.lit("delete"),
                 entity=pl.lit(None, pl.String),

@@ -468,7 +468,7 @@ def _relationship_changes(
     added = removed = pl.DataFrame(schema=EDGE_SCHEMA)
     added_count = removed_count = repointed = 0
     for number, part in enumerate(slices):
-        old = _references(snapshot.rows_of(part.select(IDENTITY), keep=False)).collect()
+        old = _references(snapshot.rows_of(part.select(IDENTITY))).collect()
         edges = _references(part.filter(pl.col("op") != "delete"), entities).collect()
         added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")
         removed = old.join(edges, on=list(EDGE_SCHEMA), how="anti")

@@ -60,6 +60,7 @@ def test_bench_reports_every_measurement_and_agrees_with_the_baseline(tmp_path: 
     assert result["first_diff_plan_s"] > 0 and result["plan_checks_s"] > 0
     assert result["first_diff_step_peak_rss_mb"] > 0 and result["first_plan_step_peak_rss_mb"] > 0
     assert result["first_plan_checks_s"] > 0
+    assert result["diff_step_peak_rss_mb"] > 0 and result["plan_step_peak_rss_mb"] > 0
     tick = result["sensor_tick"]
     assert tick["old_runs"] == 60 and tick["new_runs"] == 10 and tick["deep_listings"] == 10
     assert tick["list_calls"] > 0 and tick["seconds"] > 0
