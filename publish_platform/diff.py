@@ -198,8 +198,12 @@ class SnapshotView:
             return self._snapshot.clear().select(selected).collect()
         kept = self._loaded.get_column("snapshot_row")
         if kept.len() and wanted.is_in(kept.implode()).all():  # kept: not read again
-            kept_rows = self._loaded.join(wanted.to_frame(), on="snapshot_row", how="semi")
-            return kept_rows.select(selected)
+            if wanted.len() == kept.len():
+                return self._loaded.select(selected)  # (no copy)
+            # (The columns selected first: only they are copied.)
+            return self._loaded.select(selected).join(
+                wanted.to_frame(), on="snapshot_row", how="semi"
+            )
         at = self._identity_at[wanted.to_numpy()]
         hashes = pl.DataFrame(
             {"high": self.identities.high[at], "low": self.identities.low[at]}

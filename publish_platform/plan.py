@@ -460,16 +460,19 @@ def _relationship_changes(
         return new, pl.LazyFrame(schema=EDGE_SCHEMA), (count, 0, 0), None
     total = _held(operations.lazy().select(pl.len())).item()
     folder = ScratchFolder("plan-edges") if total > RELATIONSHIP_ROWS else None
+    # One slice: the new edges are ``new``'s, streamed; of many, each slice's are its own.
+    edge_columns = ["references", "entity_row"] if folder is not None else []
     slices = (
         operations.lazy()
-        .select(*IDENTITY, "op", "references", "entity_row")
+        .select(*IDENTITY, "op", *edge_columns)
         .collect_batches(chunk_size=RELATIONSHIP_ROWS)
     )
     added = removed = pl.DataFrame(schema=EDGE_SCHEMA)
     added_count = removed_count = repointed = 0
     for number, part in enumerate(slices):
         old = _references(snapshot.rows_of(part.select(IDENTITY))).collect()
-        edges = _references(part.filter(pl.col("op") != "delete"), entities).collect()
+        upserts = part.filter(pl.col("op") != "delete")
+        edges = (new if folder is None else _references(upserts, entities)).collect()
         added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")
         removed = old.join(edges, on=list(EDGE_SCHEMA), how="anti")
         del old, edges
