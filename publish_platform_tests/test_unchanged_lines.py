@@ -57,17 +57,21 @@ def test_a_volatile_only_batch_is_recognised_without_parsing():
     assert fast.count("unchanged") == len(first)
 
 
+def a_later_sync(first: list[dict]) -> list[dict]:
+    """``first`` resynced: its last column gone, one entity changed, a column added, and the
+    same identity twice (once unchanged, so recognised; once with other content)."""
+    second = resynced(first[:-1], "run-2")
+    second[3] = {**second[3], "attributes": {**second[3]["attributes"], "description": "new"}}
+    second.append(entity("Column", "db/s/t1/c9"))
+    twin = {**second[2], "attributes": {**second[2]["attributes"], "description": "twin"}}
+    return [*second, twin]
+
+
 def test_changed_added_deleted_and_conflicting_lines_are_found_as_without_the_shortcut():
     first = small_source()
     snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
-    second = resynced(first[:-1], "run-2")  # the last column is gone
-    second[3] = {**second[3], "attributes": {**second[3]["attributes"], "description": "new"}}
-    second.append(entity("Column", "db/s/t1/c9"))
-    # The same identity twice: once unchanged (recognised), once with other content.
-    twin = {**second[2], "attributes": {**second[2]["attributes"], "description": "twin"}}
-    second.append(twin)
 
-    parsed, fast, slow = both_ways(jsonl(second), snapshot)
+    parsed, fast, slow = both_ways(jsonl(a_later_sync(first)), snapshot)
 
     assert parsed.unchanged.height == len(first) - 2  # one dropped, one changed
     assert summary(fast) == summary(slow)
@@ -81,12 +85,7 @@ def test_lines_compared_a_few_at_a_time_diff_as_all_at_once(monkeypatch):
     with a parsed line read whole, with their references)."""
     first = small_source()
     snapshot = published(parse_files([("f", jsonl(first))], VOLATILE), SOURCE)
-    second = resynced(first[:-1], "run-2")  # the last column is deleted
-    second[3] = {**second[3], "attributes": {**second[3]["attributes"], "description": "new"}}
-    second.append(entity("Column", "db/s/t1/c9"))
-    twin = {**second[2], "attributes": {**second[2]["attributes"], "description": "twin"}}
-    second.append(twin)  # screened with the recognised line of its identity
-    files = [("transformed/x/entities.json", jsonl(second))]
+    files = [("transformed/x/entities.json", jsonl(a_later_sync(first)))]
     parsed = parse_files(files, VOLATILE, known_raw=recognisable(snapshot))
 
     at_once = diff_batch(parsed, snapshot, SOURCE, "full")
