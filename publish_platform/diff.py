@@ -239,7 +239,7 @@ PAIRED_SLICE = 1_000_000
 
 
 def paired_rows(identities: pl.DataFrame, found: np.ndarray, rows: pl.DataFrame) -> np.ndarray:
-    """Where in ``rows`` (``SnapshotView.rows``: in row order) the row each of ``identities``
+    """Where in ``rows`` (``SnapshotView.read``: in row order) the row each of ``identities``
     was ``found`` at by its hash is, when that row has that very identity; -1 where none.
 
     By position, not by a join on the identity strings (200 MB at 200k rows) or on row numbers:
@@ -322,16 +322,18 @@ def diff_batch(
     # lines at a time: of the rows, only the guids of those changed are held.
     lines = parsed.frame.select(*IDENTITY, "hash", "entity_row")
     unrecognised = np.flatnonzero(~recognised)
+    found_all = None  # each slice's lines are looked up on their own, unless all were at once
     if lines.height + len(unrecognised) <= DIFF_SLICE_ROWS:
-        # Few rows to touch: read whole at once, and kept for the plan (``SnapshotView.read``).
-        named = view.find(lines)
-        view.rows(np.union1d(named[named >= 0], unrecognised))
+        # Few rows to touch (one slice): read whole at once, and kept for the plan
+        # (``SnapshotView.read``).
+        found_all = view.find(lines)
+        view.rows(np.union1d(found_all[found_all >= 0], unrecognised))
     named_rows = np.full(lines.height, -1, dtype=np.int64)
     changed = np.zeros(lines.height, dtype=bool)
     guids = [pl.Series("guid", [], dtype=pl.String)]
     for start in range(0, lines.height, DIFF_SLICE_ROWS):
         part = lines.slice(start, DIFF_SLICE_ROWS)
-        found = view.find(part)
+        found = view.find(part) if found_all is None else found_all
         rows = view.read(found[found >= 0], [*IDENTITY, "hash", "guid"])
         at = paired_rows(part.select(IDENTITY), found, rows)
         paired = at >= 0

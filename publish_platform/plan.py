@@ -471,8 +471,10 @@ def _relationship_changes(
     added_count = removed_count = repointed = 0
     for number, part in enumerate(slices):
         old = _references(snapshot.rows_of(part.select(IDENTITY))).collect()
-        upserts = part.filter(pl.col("op") != "delete")
-        edges = (new if folder is None else _references(upserts, entities)).collect()
+        if folder is None:
+            edges = new.collect()
+        else:
+            edges = _references(part.filter(pl.col("op") != "delete"), entities).collect()
         added = edges.join(old, on=list(EDGE_SCHEMA), how="anti")
         removed = old.join(edges, on=list(EDGE_SCHEMA), how="anti")
         del old, edges
