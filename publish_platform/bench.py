@@ -538,16 +538,17 @@ def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
         new = [RunRef("postgres", "wf-new", str(uuid.uuid4())) for _ in range(new_runs)]
         for run in new:
             _land(s3, landing, run, SOURCE)
-        calls = {"ListObjectsV2": 0}
-
-        def count(**_: Any) -> None:
-            calls["ListObjectsV2"] += 1
-
-        s3.meta.events.register("before-call.s3.ListObjectsV2", count)
+        # One entry per LIST call, appended by the discovery's listing threads (an append is
+        # atomic; a += of a count is not).
+        calls: list[str] = []
+        s3.meta.events.register(
+            "before-call.s3.ListObjectsV2", lambda **_: calls.append("ListObjectsV2")
+        )
         started = time.perf_counter()
         listed = discover(s3, landing, known, settle_seconds=0)
         listing_s = time.perf_counter() - started
-        listing_calls, calls["ListObjectsV2"] = calls["ListObjectsV2"], 0
+        listing_calls = len(calls)
+        calls.clear()
 
         sqs = boto3.client("sqs", endpoint_url=f"http://127.0.0.1:{port}")
         started = time.perf_counter()
@@ -566,7 +567,7 @@ def measure_sensor_tick(old_runs: int, new_runs: int = 10) -> dict[str, float]:
         "deep_listings": listed.deep_listings,
         "events_seconds": events_s,
         "events_new_runs": len(notified.ready),
-        "events_list_calls": calls["ListObjectsV2"],
+        "events_list_calls": len(calls),
         "events_sqs_receive_calls": events.receive_calls,
         "events_messages": len(events.receipts),
     }

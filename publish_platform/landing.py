@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # imported where used: discovery and ordering need no polars
 MANIFEST_NAME = "publish-request.json"
 SIDECAR_SUFFIX = ".sha256"
 RUNS_ROOT = "artifacts/apps/"
+T = TypeVar("T")
+R = TypeVar("R")
 # One path segment of a run folder: what the SDK writes (names, UUIDs), never '..' or empty.
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]{0,199}$")
 
@@ -219,20 +222,42 @@ def iter_run_folders(s3: Any, landing: S3Location) -> Iterator[RunRef | InvalidR
     """Every run folder under the landing prefix, from delimiter listings.
 
     The listing walks apps → workflows → runs with ``Delimiter='/'``: one LIST call per thousand
-    run folders, never a listing of the files of runs that are already known.
+    run folders, never a listing of the files of runs that are already known. The workflows'
+    folders are listed LISTING_THREADS at a time.
     """
     root = landing.key(RUNS_ROOT)
-    for app_prefix in _common_prefixes(s3, landing.bucket, root):
-        app = app_prefix[len(root) :].rstrip("/")
-        for wf_prefix in _common_prefixes(s3, landing.bucket, app_prefix + "workflows/"):
-            workflow_id = wf_prefix[len(app_prefix + "workflows/") :].rstrip("/")
-            for run_prefix in _common_prefixes(s3, landing.bucket, wf_prefix):
-                run_id = run_prefix[len(wf_prefix) :].rstrip("/")
-                key = f"{app}/{workflow_id}/{run_id}"
-                try:
-                    yield RunRef.from_partition_key(key)
-                except InvalidRunFolder as exc:
-                    yield exc
+    workflows = [
+        (app_prefix[len(root) :].rstrip("/"), wf_prefix)
+        for app_prefix in _common_prefixes(s3, landing.bucket, root)
+        for wf_prefix in _common_prefixes(s3, landing.bucket, app_prefix + "workflows/")
+    ]
+    run_prefixes = in_parallel(
+        lambda wf_prefix: list(_common_prefixes(s3, landing.bucket, wf_prefix)),
+        [wf_prefix for _, wf_prefix in workflows],
+    )
+    for (app, wf_prefix), runs in zip(workflows, run_prefixes, strict=True):
+        workflow_id = wf_prefix.rstrip("/").rsplit("/", 1)[-1]
+        for run_prefix in runs:
+            run_id = run_prefix[len(wf_prefix) :].rstrip("/")
+            key = f"{app}/{workflow_id}/{run_id}"
+            try:
+                yield RunRef.from_partition_key(key)
+            except InvalidRunFolder as exc:
+                yield exc
+
+
+# LIST calls in flight at once in a discovery pass. Each waits on S3 for tens of milliseconds:
+# one after another, the folders of fifty workflows took seconds of every sensor tick.
+LISTING_THREADS = 8
+
+
+def in_parallel(function: Callable[[T], R], items: list[T]) -> list[R]:
+    """``function`` of each item, LISTING_THREADS calls at once, the results in item order.
+    (boto3's clients are thread-safe.)"""
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="s3-list") as pool:
+        return list(pool.map(function, items))
 
 
 def list_run(s3: Any, landing: S3Location, run: RunRef) -> RunListing:
@@ -581,14 +606,15 @@ def discover(
     """
     now = now or utcnow()
     found = Discovery()
+    new: list[RunRef] = []
     for ref in iter_run_folders(s3, landing) if runs is None else runs:
         if isinstance(ref, InvalidRunFolder):
             found.rejected.append(str(ref))
-            continue
-        if ref.partition_key in known:
-            continue
-        listing = list_run(s3, landing, ref)
-        found.deep_listings += 1
+        elif ref.partition_key not in known:
+            new.append(ref)
+    listings = in_parallel(lambda ref: list_run(s3, landing, ref), new)
+    found.deep_listings = len(listings)
+    for ref, listing in zip(new, listings, strict=True):
         readiness = assess_readiness(listing, now, settle_seconds)
         if readiness.ready:
             found.ready.append(listing)
