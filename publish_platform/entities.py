@@ -190,20 +190,40 @@ def references_of(attributes: dict) -> list[dict[str, str]]:
     return refs
 
 
+# Bumped whenever what a raw hash covers changes: hashes of another scheme then never match (the
+# lines of a source's next batch are parsed once, and its snapshot has hashes of this scheme).
+# 2: a volatile pair replaced by CUT_MARK in place, and kept only for lines whose cuts were all
+# volatile attributes (1 cut pairs and a comma after them anywhere, nested keys too).
+RAW_HASH_SCHEME = 2
+# What a cut pair leaves: a byte that no line of valid JSON has unescaped.
+CUT_MARK = "\x00"
+
+
+def volatile_only_cut(attributes: dict, volatile: frozenset[str], volatile_names: int) -> bool:
+    """Whether the raw hash's cuts in a parsed line (it had ``volatile_names`` keys of a volatile
+    name, at any depth) can only have been its volatile attributes: it has as many of those as
+    keys of their names. Otherwise a line that differs from it in the value of a nested key of
+    a volatile name (which its content hash covers) would get its raw hash: it is not kept."""
+    return volatile_names == sum(name in attributes for name in volatile)
+
+
 # Lines are scanned this many bytes at a time: memory stays flat. (Each block costs polars a
 # query of its own: at 8 MiB that overhead made the pass a quarter slower.)
 BLOCK_BYTES = 16 * 1024 * 1024
 
 
 class RawHasher:
-    """Raw hashes of lines: a line's bytes with its volatile attributes cut out, hashed twice
-    (128 bits) with seeds derived from the set of volatile attributes, so a change of that
-    setting can never match an older hash.
+    """Raw hashes of lines: a line's bytes with each volatile name's scalar value cut out (the
+    pair replaced by a mark, in place), hashed twice (128 bits) with seeds derived from the set
+    of volatile attributes and RAW_HASH_SCHEME, so a change of either can never match an older
+    hash.
 
-    Two lines with the same raw hash have the same content but for volatile values, so a line
-    whose raw hash is in the snapshot is unchanged. The converse does not hold (key order or
-    whitespace may differ): such lines are parsed and compared by content hash as usual. A line
-    naming a volatile attribute more than once (a nested key of that name) gets no raw hash.
+    The regex cannot tell an attribute from a nested key of the same name, so a raw hash is only
+    kept for a line whose cuts were all its volatile attributes (``volatile_only_cut``, checked
+    when the line is parsed): then a line with the same raw hash has the same text but for
+    volatile attributes' values in the same places, hence the same content, and a line whose raw
+    hash is in the snapshot is unchanged. The converse does not hold (key order or whitespace
+    may differ): such lines are parsed and compared by content hash as usual.
 
     The work runs in polars (Rust regex and hash, all cores), a block of lines at a time: it is
     what every line of a batch pays, so it must cost less than parsing the line. polars does not
@@ -213,29 +233,38 @@ class RawHasher:
 
     def __init__(self, volatile: Iterable[str]) -> None:
         names = sorted(set(volatile))
-        self.limit = len(names)
-        key = hashlib.blake2b(",".join(names).encode(), digest_size=16).digest()
+        key = hashlib.blake2b(
+            f"{RAW_HASH_SCHEME}:{','.join(names)}".encode(), digest_size=16
+        ).digest()
         self.seeds = (int.from_bytes(key[:8], "big"), int.from_bytes(key[8:], "big"))
         alternatives = "|".join(re.escape(name) for name in names)
         value = r'(?:"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)'
         self.names_pattern = rf'"(?:{alternatives})"\s*:' if names else None
-        self.cut_pattern = rf"{self.names_pattern}\s*{value}\s*,?" if names else None
+        # The pair only, not a comma after it: a line whose cuts are where another's are is
+        # that line with other volatile pairs in their places, still valid JSON.
+        self.cut_pattern = rf"{self.names_pattern}\s*{value}" if names else None
 
     def raw_hash(self, text: pl.Expr) -> pl.Expr:
-        """The raw hash of each line of ``text`` (a String column); null where it has none."""
-        blanked = text.str.replace_all(self.cut_pattern, "") if self.cut_pattern else text
+        """The raw hash of each line of ``text`` (a String column); null where it is null or
+        has CUT_MARK."""
+        blanked = text.str.replace_all(self.cut_pattern, CUT_MARK) if self.cut_pattern else text
         # A line is the same however it ends. (Cut apart from the volatile attributes: one more
         # alternative in the pattern doubles the time the regex takes.)
         blanked = blanked.str.strip_chars_end("\r\n")
-        named = text.str.count_matches(self.names_pattern) if self.names_pattern else pl.lit(0)
         first, second = (blanked.hash(seed).cast(pl.UInt128) for seed in self.seeds)
-        return pl.when(named <= self.limit).then(first * 2**64 + second)
+        # A line that has the mark itself (not valid JSON) could pass for a line cut there.
+        marked = text.str.contains(CUT_MARK, literal=True)
+        return pl.when(marked.not_()).then(first * 2**64 + second)
+
+    def volatile_names(self, text: pl.Expr) -> pl.Expr:
+        """How many keys of a volatile name each line of ``text`` has, at any depth."""
+        return text.str.count_matches(self.names_pattern) if self.names_pattern else pl.lit(0)
 
     def scan(self, block: Block) -> tuple[pl.DataFrame, int]:
         """The non-blank lines of a block of whole lines: ``line`` (its number in the block,
-        from 1), ``data`` (its bytes, newline included) and ``raw_hash`` (null for a line that is
-        not UTF-8 or names a volatile attribute twice); and how many lines the block has, blank
-        ones included."""
+        from 1), ``data`` (its bytes, newline included), ``raw_hash`` (null for a line that is
+        not UTF-8) and ``volatile_names`` (for ``volatile_only_cut``); and how many lines the
+        block has, blank ones included."""
         lines = pa.chunked_array([_split_lines(part) for part in block], pa.large_binary())
         data = pl.from_arrow(lines)
         assert isinstance(data, pl.Series)
@@ -252,6 +281,7 @@ class RawHasher:
                 pl.col("line").cast(pl.Int64),
                 "data",
                 raw_hash=self.raw_hash(pl.col("text")),
+                volatile_names=self.volatile_names(pl.col("text")).cast(pl.UInt32),
             )
             .collect(engine="streaming")  # in morsels, on every core
         )
@@ -436,7 +466,7 @@ class _ScannedBlock:
     lines: int
     span: int
     unchanged: pl.DataFrame | None
-    to_parse: list[tuple[int, bytes, int | None]]
+    to_parse: list[tuple[int, bytes, int | None, int]]
 
     def renumber(self, first_line: int) -> None:
         shift = first_line - 1
@@ -444,7 +474,7 @@ class _ScannedBlock:
             return
         if self.unchanged is not None:
             self.unchanged = self.unchanged.with_columns(pl.col("line") + shift)
-        self.to_parse = [(number + shift, line, raw) for number, line, raw in self.to_parse]
+        self.to_parse = [(number + shift, *rest) for number, *rest in self.to_parse]
 
 
 # Blocks scanned at once: one block's single-threaded parts (splitting its lines, the lookup)
@@ -563,7 +593,7 @@ def parse_files(
         lines_by_file[source_file] = lines_by_file.get(source_file, 0) + block.lines
         if block.unchanged is not None:
             unchanged.append(block.unchanged)
-        for number, line, raw in block.to_parse:
+        for number, line, raw, volatile_names in block.to_parse:
             if line.endswith(b"\n"):
                 line = line[:-1]
             entity, issue = _parse_line(source_file, number, line, max_line_bytes)
@@ -578,6 +608,8 @@ def parse_files(
             except orjson.JSONEncodeError as exc:  # parsed, but nested deeper than MAX_DEPTH
                 issues.append(_too_deep(source_file, number, exc, entity))
                 continue
+            if raw is not None and not volatile_only_cut(attributes, volatile_set, volatile_names):
+                raw = None  # parsed every time, never recognised
             synced = attributes.get("lastSyncRunAt")
             if isinstance(synced, int) and (last_sync_ms is None or synced > last_sync_ms):
                 last_sync_ms = synced
