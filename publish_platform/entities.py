@@ -240,6 +240,7 @@ class RawHasher:
         alternatives = "|".join(re.escape(name) for name in names)
         value = r'(?:"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)'
         self.names_pattern = rf'"(?:{alternatives})"\s*:' if names else None
+        self.names_regex = re.compile(self.names_pattern.encode()) if self.names_pattern else None
         # The pair only, not a comma after it: a line whose cuts are where another's are is
         # that line with other volatile pairs in their places, still valid JSON.
         self.cut_pattern = rf"{self.names_pattern}\s*{value}" if names else None
@@ -256,15 +257,15 @@ class RawHasher:
         marked = text.str.contains(CUT_MARK, literal=True)
         return pl.when(marked.not_()).then(first * 2**64 + second)
 
-    def volatile_names(self, text: pl.Expr) -> pl.Expr:
-        """How many keys of a volatile name each line of ``text`` has, at any depth."""
-        return text.str.count_matches(self.names_pattern) if self.names_pattern else pl.lit(0)
+    def volatile_names(self, line: bytes) -> int:
+        """How many keys of a volatile name a line has, at any depth. Counted for the lines
+        that are parsed only (``volatile_only_cut``), not in the pass over every line."""
+        return len(self.names_regex.findall(line)) if self.names_regex else 0
 
     def scan(self, block: Block) -> tuple[pl.DataFrame, int]:
         """The non-blank lines of a block of whole lines: ``line`` (its number in the block,
-        from 1), ``data`` (its bytes, newline included), ``raw_hash`` (null for a line that is
-        not UTF-8) and ``volatile_names`` (for ``volatile_only_cut``); and how many lines the
-        block has, blank ones included."""
+        from 1), ``data`` (its bytes, newline included) and ``raw_hash`` (null for a line that is
+        not UTF-8); and how many lines the block has, blank ones included."""
         lines = pa.chunked_array([_split_lines(part) for part in block], pa.large_binary())
         data = pl.from_arrow(lines)
         assert isinstance(data, pl.Series)
@@ -281,7 +282,6 @@ class RawHasher:
                 pl.col("line").cast(pl.Int64),
                 "data",
                 raw_hash=self.raw_hash(pl.col("text")),
-                volatile_names=self.volatile_names(pl.col("text")).cast(pl.UInt32),
             )
             .collect(engine="streaming")  # in morsels, on every core
         )
@@ -466,7 +466,7 @@ class _ScannedBlock:
     lines: int
     span: int
     unchanged: pl.DataFrame | None
-    to_parse: list[tuple[int, bytes, int | None, int]]
+    to_parse: list[tuple[int, bytes, int | None]]
 
     def renumber(self, first_line: int) -> None:
         shift = first_line - 1
@@ -474,7 +474,7 @@ class _ScannedBlock:
             return
         if self.unchanged is not None:
             self.unchanged = self.unchanged.with_columns(pl.col("line") + shift)
-        self.to_parse = [(number + shift, *rest) for number, *rest in self.to_parse]
+        self.to_parse = [(number + shift, line, raw) for number, line, raw in self.to_parse]
 
 
 # Blocks scanned at once: one block's single-threaded parts (splitting its lines, the lookup)
@@ -593,7 +593,7 @@ def parse_files(
         lines_by_file[source_file] = lines_by_file.get(source_file, 0) + block.lines
         if block.unchanged is not None:
             unchanged.append(block.unchanged)
-        for number, line, raw, volatile_names in block.to_parse:
+        for number, line, raw in block.to_parse:
             if line.endswith(b"\n"):
                 line = line[:-1]
             entity, issue = _parse_line(source_file, number, line, max_line_bytes)
@@ -608,7 +608,9 @@ def parse_files(
             except orjson.JSONEncodeError as exc:  # parsed, but nested deeper than MAX_DEPTH
                 issues.append(_too_deep(source_file, number, exc, entity))
                 continue
-            if raw is not None and not volatile_only_cut(attributes, volatile_set, volatile_names):
+            if raw is not None and not volatile_only_cut(
+                attributes, volatile_set, hasher.volatile_names(line)
+            ):
                 raw = None  # parsed every time, never recognised
             synced = attributes.get("lastSyncRunAt")
             if isinstance(synced, int) and (last_sync_ms is None or synced > last_sync_ms):
