@@ -213,9 +213,9 @@ BLOCK_BYTES = 16 * 1024 * 1024
 
 
 class RawHasher:
-    """Raw hashes of lines: a line's bytes with each volatile name's scalar value cut out (the
-    pair replaced by a mark, in place), hashed twice (128 bits) with seeds derived from the set
-    of volatile attributes and RAW_HASH_SCHEME, so a change of either can never match an older
+    """Raw hashes of lines: a line's bytes with each pair of a volatile name and its scalar value
+    replaced by a mark, in place, hashed twice (128 bits) with seeds derived from the set of
+    volatile attributes and RAW_HASH_SCHEME, so a change of either can never match an older
     hash.
 
     The regex cannot tell an attribute from a nested key of the same name, so a raw hash is only
